@@ -1,0 +1,72 @@
+"""The base configuration: the paper's training recipe. `configs/*.py` start from it.
+
+Every key is documented here; command lines override any of them with
+`--config.KEY=VALUE` (e.g. `--config.model.layout=frame`).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameters, data order and diffusion noise all derive from it
+    c.total_steps = 100_000
+    c.log_every = 100  # steps between console/TensorBoard/metrics.jsonl records
+    c.checkpoint_every = 5_000  # steps between checkpoints (one is always written at the end)
+    c.keep_checkpoints = 3  # the newest K checkpoints are kept
+    c.batch_size = 16  # global batch, whatever the number of devices
+    c.grad_accum = 1  # micro-batches per step (the global batch is split into them)
+    c.ema_decay = 0.9999
+    c.cond_drop_prob = 0.0  # > 0 trains the unconditional branch for classifier-free guidance
+    c.on_nonfinite = "stop"  # a step with a non-finite loss or gradient: 'stop' or 'skip' it
+    c.peak_flops_per_device = 0.0  # FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0: no MFU
+
+    c.model = ml_collections.ConfigDict(dict(
+        layout="slots",  # 'slots' (27 tokens per frame) or 'frame' (the authors' one token per frame)
+        width=384, heads=6, depth=12, mlp_ratio=4.0,
+        video_dim=384,  # video-token width: the DINOv2 width (S 384, B 768, L 1024)
+        cross_window=0,  # slots layout: frame t cross-attends to the tokens of frames t-w..t+w
+        dtype="bfloat16",  # compute dtype; parameters and optimiser state stay float32
+        remat="full",  # per-block rematerialisation: 'none', 'full' or 'dots'
+        attention="auto",  # attention kernel: 'auto' (per platform), 'xla', 'cudnn', 'splash'
+    ))
+    c.diffusion = ml_collections.ConfigDict(dict(num_steps=1000, beta_start=1e-4, beta_end=2e-2))
+    c.sample = ml_collections.ConfigDict(dict(
+        steps=250,  # respaced from diffusion.num_steps
+        method="ddpm",  # 'ddpm' (learned variance) or 'ddim'
+        eta=0.0,  # DDIM noise
+        guidance_scale=1.0,  # classifier-free guidance; 1 = none (needs cond_drop_prob > 0 in training)
+        cache_kv=True,  # compute the video keys/values once per video (more memory, much faster)
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, schedule="constant",  # 'constant' or 'cosine' (decays to 0 at total_steps)
+        warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        clip_norm=0.0,  # global gradient-norm clipping; 0 = none
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",  # 'synthetic' (generated in memory) or 'tfds' (a prepared dataset in data.dir)
+        dir="",
+        max_frames=1100,  # time positions per example: context frames + motion window + padding
+        context_frames=16,  # at most this many route frames are used as the prompt
+        num_patches=700,  # video tokens per frame (20x35 DINOv2 patches; 175 with 2x2 pooling)
+        num_workers=0,  # Grain worker processes (0: read in the training process)
+        num_clips=64, min_clip_frames=48, max_clip_frames=1200,  # synthetic source only
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+    return c
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """The embedded default: a tiny model on synthetic clips that trains on 2 CPU cores in minutes."""
+    c = base_config()
+    c.total_steps = 600
+    c.log_every = 50
+    c.checkpoint_every = 200
+    c.batch_size = 8
+    c.ema_decay = 0.99
+    c.cond_drop_prob = 0.1
+    c.model.update(width=64, heads=4, depth=4, video_dim=32, dtype="float32", remat="none")
+    c.optim.update(lr=1e-3, warmup_steps=50, clip_norm=1.0)
+    c.sample.update(steps=50)
+    c.data.update(max_frames=48, context_frames=4, num_patches=8, num_clips=64, min_clip_frames=24, max_clip_frames=96)
+    return c

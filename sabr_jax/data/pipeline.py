@@ -1,0 +1,117 @@
+"""The one input pipeline: clips from a source -> random windows -> padded, masked batches.
+
+A *clip source* is a random-access collection of clips (the in-memory synthetic one, the
+TFDS one) with this interface:
+
+    len(source)                       number of clips
+    source.num_frames(i)              motion frames of clip i
+    source.num_context(i)             context (route) frames of clip i
+    source.read(i, start, stop)       {"motion": [n, 161] float32, "video": [n, P, Dv],
+                                       "context": [C, P, Dv]} for frames start..stop-1
+
+A training example has a fixed number L = max_frames of time positions: the clip's
+context frames first (at most `context_frames`), then a random window of its motion
+frames, then padding:
+
+    motion        [L, 161] float32   normalised motion; zero on context and padding
+    video         [L, P, Dv]         video tokens of the context frames and the window
+    frame_mask    [L] bool           True on context and motion frames
+    context_mask  [L] bool           True on context frames
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import grain
+import numpy as np
+
+from sabr_jax.motion import MOTION_DIM, NormStats
+
+
+class ClipSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def num_frames(self, index: int) -> int: ...
+
+    def num_context(self, index: int) -> int: ...
+
+    def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Windowing(grain.transforms.RandomMap):
+    """clip index -> one fixed-shape example (see the module docstring)."""
+
+    source: ClipSource
+    max_frames: int
+    context_frames: int
+    stats: NormStats
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        total = self.source.num_frames(index)
+        num_context = min(self.source.num_context(index), self.context_frames)
+        length = min(total, self.max_frames - num_context)
+        start = int(rng.integers(0, total - length + 1))
+        clip = self.source.read(index, start, start + length)
+        return assemble(clip, self.max_frames, num_context, self.stats)
+
+
+def assemble(clip: dict[str, np.ndarray], max_frames: int, num_context: int, stats: NormStats) -> dict[str, np.ndarray]:
+    """Lay out context, motion window and padding on `max_frames` positions."""
+    motion, video, context = clip["motion"], clip["video"], clip["context"][:num_context]
+    length = len(motion)
+    used = num_context + length
+    if used > max_frames:
+        raise ValueError(f"{num_context} context + {length} motion frames exceed max_frames={max_frames}")
+    tokens = np.zeros((max_frames, *video.shape[1:]), video.dtype)
+    tokens[:num_context], tokens[num_context:used] = context, video
+    out_motion = np.zeros((max_frames, MOTION_DIM), np.float32)
+    out_motion[num_context:used] = stats.normalize(motion)
+    positions = np.arange(max_frames)
+    return {
+        "motion": out_motion,
+        "video": tokens,
+        "frame_mask": positions < used,
+        "context_mask": positions < num_context,
+    }
+
+
+def dataset(
+    source: ClipSource,
+    *,
+    stats: NormStats,
+    max_frames: int,
+    context_frames: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_workers: int = 0,
+) -> grain.IterDataset:
+    """An endless, checkpointable iterator over batches for one host.
+
+    Each host reads a disjoint 1/shard_count of the clips; the clips are shuffled anew
+    every epoch from `seed`; each visit draws a new random window. batch_size is the
+    per-host batch. num_workers > 0 reads in that many worker processes.
+    """
+    clips = grain.MapDataset.range(len(source))[shard_index::shard_count]
+    if len(clips) == 0:
+        raise ValueError(f"data shard {shard_index} of {shard_count} has no clips (the source has {len(source)})")
+    ds = (
+        clips.shuffle(seed=seed)
+        .repeat()
+        .random_map(Windowing(source, max_frames, context_frames, stats), seed=seed + 1)
+        .batch(batch_size, drop_remainder=True)
+        .to_iter_dataset()
+    )
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds
+
+
+def compute_stats(source: ClipSource) -> NormStats:
+    """Normalisation statistics over every motion frame of every clip of the source."""
+    frames = [source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))]
+    return NormStats.from_data(np.concatenate(frames))

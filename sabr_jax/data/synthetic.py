@@ -1,0 +1,99 @@
+"""A deterministic synthetic clip source, generated in memory from a seed (the demo's data).
+
+Each clip is a smooth "climb": joint rotations oscillate around a per-clip pose, the bbox
+rises up the image, the camera breathes, the betas are constant. Its video tokens are a
+fixed random linear "rendering" of the motion plus a static per-clip wall and noise, so
+the tokens carry information about the motion and learning is measurable. The context
+tokens render the clip's route: the motion at evenly spaced moments of the climb.
+Clip i depends only on (seed, first_clip + i): any process can read any clip without
+coordination, and sources with disjoint clip ranges (train, validation) share one world.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from sabr_jax import motion as M
+
+FPS = 24.0
+
+
+class SyntheticClips:
+    """A `ClipSource` (see sabr_jax.data.pipeline) of `num_clips` generated clips."""
+
+    def __init__(
+        self,
+        num_clips: int,
+        *,
+        seed: int = 0,
+        first_clip: int = 0,
+        min_frames: int = 24,
+        max_frames: int = 96,
+        context_frames: int = 4,
+        num_patches: int = 8,
+        video_dim: int = 32,
+        noise: float = 0.1,
+    ):
+        if not 1 <= min_frames <= max_frames:
+            raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        self.num_clips, self.seed, self.first_clip = num_clips, seed, first_clip
+        self.min_frames, self.max_frames, self.context_frames = min_frames, max_frames, context_frames
+        self.num_patches, self.video_dim, self.noise = num_patches, video_dim, noise
+        renderer = np.random.default_rng([seed, 2**31 - 1])
+        # [P, Dv, 161]: how each patch token sees the motion vector.
+        self._render = renderer.normal(0, 1 / np.sqrt(M.MOTION_DIM), (num_patches, video_dim, M.MOTION_DIM)).astype(np.float32)
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def num_frames(self, index: int) -> int:
+        return int(self._rng(index).integers(self.min_frames, self.max_frames + 1))
+
+    def num_context(self, index: int) -> int:
+        return self.context_frames
+
+    def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        clip = self._clip(index)
+        if not 0 <= start <= stop <= len(clip["motion"]):
+            raise IndexError(f"frames {start}:{stop} out of range for clip {index} of {len(clip['motion'])} frames")
+        return {"motion": clip["motion"][start:stop], "video": clip["video"][start:stop], "context": clip["context"]}
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if not 0 <= index < self.num_clips:
+            raise IndexError(f"clip {index} out of range [0, {self.num_clips})")
+        return np.random.default_rng([self.seed, self.first_clip + index])
+
+    @functools.lru_cache(maxsize=64)
+    def _clip(self, index: int) -> dict[str, np.ndarray]:
+        rng = self._rng(index)
+        n = int(rng.integers(self.min_frames, self.max_frames + 1))
+        seconds = np.arange(n)[:, None] / FPS  # [n, 1]
+
+        def wave(size, amplitude):
+            freq, phase = rng.uniform(0.2, 1.0, size), rng.uniform(0, 2 * np.pi, size)
+            return amplitude * np.sin(2 * np.pi * freq * seconds + phase)
+
+        base_pose = rng.normal(0, 0.3, M.NUM_JOINTS * 3)
+        axis_angle = (base_pose + wave(M.NUM_JOINTS * 3, 0.4)).reshape(n, M.NUM_JOINTS, 3)
+        rot6d = np.asarray(M.matrix_to_rot6d(M.axis_angle_to_matrix(axis_angle.astype(np.float32)))).reshape(n, -1)
+        progress = seconds / seconds[-1].clip(1 / FPS)  # 0 -> 1 over the climb
+        box_size = rng.uniform(0.15, 0.3, 2)
+        start_x = rng.uniform(0.2, 0.6)
+        bbox = np.concatenate(
+            [start_x + wave(1, 0.05), 0.65 - 0.5 * progress + wave(1, 0.02), np.broadcast_to(box_size, (n, 2))], axis=1
+        )
+        camera = np.concatenate([0.9 + wave(1, 0.05), wave(2, 0.1)], axis=1)
+        betas = np.broadcast_to(rng.normal(0, 0.5, M.NUM_BETAS), (n, M.NUM_BETAS))
+        vectors = np.concatenate([bbox, camera, rot6d, betas], axis=1).astype(np.float32)
+
+        wall = rng.normal(0, 0.5, (self.num_patches, self.video_dim)).astype(np.float32)
+        video = self._view(vectors) + wall + rng.normal(0, self.noise, (n, self.num_patches, self.video_dim))
+        route = vectors[np.linspace(0, n - 1, self.context_frames).round().astype(int)]
+        context = self._view(route) + wall
+        return {"motion": vectors, "video": video.astype(np.float32), "context": context.astype(np.float32)}
+
+    def _view(self, vectors: np.ndarray) -> np.ndarray:
+        """[n, 161] -> [n, P, Dv] token 'rendering'."""
+        return np.einsum("pdf,nf->npd", self._render, vectors)

@@ -1,0 +1,379 @@
+"""The SABR-CLIMB diffusion transformer (DiT) in Flax NNX, both token layouts.
+
+Notation: B batch, L time positions (C context frames, then motion frames, then padding),
+S token slots per frame (27 for `layout="slots"`, 1 for `layout="frame"`), P video tokens
+per frame, D model width, H heads, Dh = D / H, Dv video-token width.
+
+`layout="slots"` (default): each frame is split into 27 slots (bbox, camera, 24 joints,
+betas). Blocks alternate: *spatial* blocks self-attend over the slots of one frame,
+*temporal* blocks self-attend over time for each slot. Cross-attention is frame-aligned:
+the slots of frame t attend to the video tokens of frames t-w..t+w (`cross_window` w).
+
+`layout="frame"` (the authors' code): one token per frame; every block self-attends over
+time. Even blocks cross-attend frame-aligned ("spatial"); odd blocks broadcast each frame
+token to every patch position, attend over time at that position and average the P
+results ("temporal").
+
+Every block: adaLN-Zero self-attention, ungated pre-norm cross-attention, adaLN-Zero MLP,
+modulated by the diffusion timestep. Context frames are a prompt: their motion tokens are
+a learned embedding, never the (noised) input. Padded frames are masked out of every
+attention and their outputs are zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange, repeat
+from flax import nnx
+
+from sabr_jax import motion
+from sabr_jax.attention import dot_product_attention
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    layout: Literal["slots", "frame"] = "slots"
+    width: int = 384
+    heads: int = 6
+    depth: int = 12  # blocks; spatial and temporal alternate, so it must be even
+    mlp_ratio: float = 4.0
+    video_dim: int = 384  # width of the video tokens (the DINOv2 width)
+    cross_window: int = 0  # slots layout: frame t cross-attends to frames t-w..t+w
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
+    attention: str | None = None  # force an attention kernel ('xla', 'cudnn', 'splash'); None picks
+
+    def __post_init__(self):
+        if self.layout not in ("slots", "frame"):
+            raise ValueError(f"model.layout must be 'slots' or 'frame', got {self.layout!r}")
+        if self.depth % 2:
+            raise ValueError(f"model.depth must be even (spatial/temporal pairs), got {self.depth}")
+        if self.width % self.heads:
+            raise ValueError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.cross_window and self.layout == "frame":
+            raise ValueError("model.cross_window applies to layout='slots' only")
+
+    @property
+    def num_slots(self) -> int:
+        return motion.NUM_SLOTS if self.layout == "slots" else 1
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+# ------------------------------------------------------------------ initialisers and layers
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def logical(init, names: tuple[str, ...]):
+    """Tag an initialiser's parameter with logical axis names (mapped to mesh axes by the
+    sharding rules at training time; no mesh is needed to build the model)."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def dense(cfg: DiTConfig, din: int, dout: int, axes: tuple[str, str], rngs, init=xavier) -> nnx.Linear:
+    """A Linear layer with ViT init (xavier kernel, zero bias) and logical axis names."""
+    return nnx.Linear(
+        din, dout, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs,
+        kernel_init=logical(init, axes), bias_init=logical(zeros, axes[1:]),
+    )
+
+
+def layer_norm(cfg: DiTConfig, affine: bool, rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.width, epsilon=1e-6, use_scale=affine, use_bias=affine, dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32, rngs=rngs,
+        scale_init=logical(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=logical(zeros, ("embed",)),
+    )
+
+
+def sincos_embedding(length: int, dim: int) -> jax.Array:
+    """Fixed 1D sine-cosine position embedding [length, dim] (positions 0..length-1)."""
+    omega = 1.0 / 10000 ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * omega[None]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def modulate(x, shift, scale):
+    """x [B, L, S, D]; shift, scale [B, D]."""
+    return x * (1 + scale[:, None, None]) + shift[:, None, None]
+
+
+def window(kv: jax.Array, frame_mask: jax.Array, w: int):
+    """Gather, for each frame t, the tokens of frames t-w..t+w.
+
+    kv [B, L, P, H, Dh] -> [B, L, (2w+1)*P, H, Dh]; frame_mask [B, L] -> key mask
+    [B, L, (2w+1)*P] (False outside the clip and on padded frames).
+    """
+    length, tokens = kv.shape[1], kv.shape[2]
+    padded = jnp.pad(kv, ((0, 0), (w, w)) + ((0, 0),) * (kv.ndim - 2))
+    valid = jnp.pad(frame_mask, ((0, 0), (w, w)))
+    offsets = jnp.arange(length)[:, None] + jnp.arange(2 * w + 1)[None]  # [L, 2w+1]
+    kv = rearrange(padded[:, offsets], "b l o p h d -> b l (o p) h d")
+    return kv, repeat(valid[:, offsets], "b l o -> b l (o p)", p=tokens)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Diffusion step -> [B, D]: ADM's sinusoidal embedding (cos, sin) and a 2-layer MLP."""
+
+    frequency_dim = 256
+
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.mlp_in = dense(cfg, self.frequency_dim, cfg.width, ("freq", "embed"), rngs, init)
+        self.mlp_out = dense(cfg, cfg.width, cfg.width, ("embed", "embed_out"), rngs, init)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        half = self.frequency_dim // 2
+        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+        args = t.astype(jnp.float32)[:, None] * freqs[None]
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        return self.mlp_out(nnx.silu(self.mlp_in(emb)))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.fc1 = dense(cfg, cfg.width, hidden, ("embed", "mlp"), rngs)
+        self.fc2 = dense(cfg, hidden, cfg.width, ("mlp", "embed"), rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+
+
+class Block(nnx.Module):
+    """One DiT block on x [B, L, S, D].
+
+    self_axis: 'slots' (attend within a frame) or 'time' (attend over frames per slot).
+    cross: 'frame' (frame-aligned, optional window) or 'patch_time' (per patch position
+    over time, averaged over the P positions: the authors' temporal block).
+    """
+
+    def __init__(self, cfg: DiTConfig, self_axis: str, cross: str, rngs: nnx.Rngs):
+        d, h = cfg.width, cfg.heads
+        self.cfg, self.self_axis, self.cross = cfg, self_axis, cross
+        self.norm1 = layer_norm(cfg, affine=False, rngs=rngs)
+        self.qkv = dense(cfg, d, 3 * d, ("embed", "heads"), rngs)
+        self.attn_out = dense(cfg, d, d, ("heads", "embed"), rngs)
+        self.norm2 = layer_norm(cfg, affine=True, rngs=rngs)
+        self.cross_q = dense(cfg, d, d, ("embed", "heads"), rngs)
+        self.cross_kv = dense(cfg, d, 2 * d, ("embed", "heads"), rngs)
+        self.cross_out = dense(cfg, d, d, ("heads", "embed"), rngs)
+        self.norm3 = layer_norm(cfg, affine=False, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs)
+        self.adaLN_modulation = dense(cfg, d, 6 * d, ("embed", "mod"), rngs, init=zeros)
+        self.num_heads = h
+
+    def video_kv(self, video_emb: jax.Array):
+        """video_emb [B, L, P, D] -> keys, values [B, L, P, H, Dh] for the cross-attention."""
+        kv = self.cross_kv(video_emb)
+        k, v = jnp.split(kv, 2, axis=-1)
+        split = lambda a: rearrange(a, "... (h d) -> ... h d", h=self.num_heads)
+        return split(k), split(v)
+
+    def self_attention(self, x, frame_mask):
+        b, l, s, _ = x.shape
+        q, k, v = (rearrange(a, "b l s (h d) -> b l s h d", h=self.num_heads) for a in jnp.split(self.qkv(x), 3, -1))
+        if self.self_axis == "slots":
+            fold = lambda a: rearrange(a, "b l s h d -> (b l) s h d")
+            out = dot_product_attention(fold(q), fold(k), fold(v), implementation=self.cfg.attention)
+            out = rearrange(out, "(b l) s h d -> b l s (h d)", b=b)
+        else:
+            fold = lambda a: rearrange(a, "b l s h d -> (b s) l h d")
+            mask = repeat(frame_mask, "b l -> (b s) l", s=s)
+            out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
+            out = rearrange(out, "(b s) l h d -> b l s (h d)", b=b)
+        return self.attn_out(out)
+
+    def cross_attention(self, x, kv, frame_mask):
+        b, l, s, _ = x.shape
+        k, v = kv  # [B, L, P, H, Dh]
+        q = rearrange(self.cross_q(x), "b l s (h d) -> b l s h d", h=self.num_heads)
+        if self.cross == "frame":
+            mask = None
+            if self.cfg.cross_window:
+                (k, mask), (v, _) = window(k, frame_mask, self.cfg.cross_window), window(v, frame_mask, self.cfg.cross_window)
+                mask = rearrange(mask, "b l k -> (b l) k")
+            fold = lambda a: rearrange(a, "b l n h d -> (b l) n h d")
+            out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
+            out = rearrange(out, "(b l) s h d -> b l s (h d)", b=b)
+        else:  # patch_time: S == 1
+            p = k.shape[2]
+            q = repeat(q[:, :, 0], "b l h d -> (b p) l h d", p=p)
+            fold = lambda a: rearrange(a, "b l p h d -> (b p) l h d")
+            mask = repeat(frame_mask, "b l -> (b p) l", p=p)
+            out = dot_product_attention(q, fold(k), fold(v), mask, implementation=self.cfg.attention)
+            out = rearrange(out, "(b p) l h d -> b p l (h d)", b=b).mean(axis=1)[:, :, None]
+        return self.cross_out(out)
+
+    def __call__(self, x, c, kv, frame_mask):
+        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask [B, L]."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        x = x + gate1[:, None, None] * self.self_attention(modulate(self.norm1(x), shift1, scale1), frame_mask)
+        x = x + self.cross_attention(self.norm2(x), kv, frame_mask)
+        x = x + gate2[:, None, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        return x
+
+
+class BlockPair(nnx.Module):
+    """A spatial block followed by a temporal block: the unit that is stacked and scanned."""
+
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        if cfg.layout == "slots":
+            self.spatial = Block(cfg, "slots", "frame", rngs)
+            self.temporal = Block(cfg, "time", "frame", rngs)
+        else:
+            self.spatial = Block(cfg, "time", "frame", rngs)
+            self.temporal = Block(cfg, "time", "patch_time", rngs)
+
+    def video_kv(self, video_emb):
+        """-> ((k, v) of the spatial block, (k, v) of the temporal block), each [B, L, P, H, Dh]."""
+        return self.spatial.video_kv(video_emb), self.temporal.video_kv(video_emb)
+
+    def __call__(self, x, c, kv, frame_mask):
+        x = self.spatial(x, c, kv[0], frame_mask)
+        return self.temporal(x, c, kv[1], frame_mask)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) + zero-initialised projection to x0 and the variance value, per slot."""
+
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.norm = layer_norm(cfg, affine=False, rngs=rngs)
+        self.adaLN_modulation = dense(cfg, cfg.width, 2 * cfg.width, ("embed", "mod"), rngs, init=zeros)
+        if cfg.layout == "slots":
+            s, w = motion.NUM_SLOTS, motion.SLOT_WIDTH
+            self.linear = nnx.Einsum(
+                "blsd,sdo->blso", (s, cfg.width, 2 * w), (s, 2 * w), dtype=cfg.compute_dtype, rngs=rngs,
+                kernel_init=logical(zeros, ("slots", "embed", "slot_out")),
+                bias_init=logical(zeros, ("slots", "slot_out")),
+            )
+        else:
+            self.linear = dense(cfg, cfg.width, 2 * motion.MOTION_DIM, ("embed", "motion_out"), rngs, init=zeros)
+
+    def __call__(self, x, c):
+        """x [B, L, S, D] -> [B, L, 2 * 161] (x0, then the variance value v)."""
+        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        out = self.linear(modulate(self.norm(x), shift, scale)).astype(jnp.float32)
+        if self.cfg.layout == "frame":
+            return out[:, :, 0]
+        x0, v = jnp.split(out, 2, axis=-1)
+        return jnp.concatenate([motion.unpack(x0), motion.unpack(v)], axis=-1)
+
+
+class DiT(nnx.Module):
+    """Video-conditioned motion diffusion transformer.
+
+    Use: `emb = model.embed_video(video)`; then either `model(x, t, masks..., video_emb=emb)`
+    (training: each block projects its keys/values itself) or `kv = model.video_kv(emb)`
+    once per video and `model(x, t, masks..., kv=kv)` for every sampling step.
+    """
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        s, d = cfg.num_slots, cfg.width
+        self.t_embedder = TimestepEmbedder(cfg, rngs)
+        if cfg.layout == "slots":
+            self.x_embedder = nnx.Einsum(
+                "blsw,swd->blsd", (s, motion.SLOT_WIDTH, d), (s, d), dtype=cfg.compute_dtype, rngs=rngs,
+                kernel_init=logical(
+                    nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)), ("slots", "slot_in", "embed")
+                ),
+                bias_init=logical(zeros, ("slots", "embed")),
+            )
+        else:
+            self.x_embedder = dense(cfg, motion.MOTION_DIM, d, ("motion_in", "embed"), rngs)
+        init = nnx.initializers.normal(0.02)
+        self.slot_embed = nnx.Param(init(rngs.params(), (s, d)))
+        self.prompt_embed = nnx.Param(init(rngs.params(), (s, d)))
+        self.video_embedder = dense(cfg, cfg.video_dim, d, ("video", "embed"), rngs)
+        self.null_video = nnx.Param(init(rngs.params(), (d,)))
+        self.blocks = self._make_blocks(cfg, rngs)
+        self.final_layer = FinalLayer(cfg, rngs)
+
+    @staticmethod
+    def _make_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> BlockPair:
+        @nnx.split_rngs(splits=cfg.depth // 2)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(rngs):
+            return BlockPair(cfg, rngs)
+
+        return create(rngs)
+
+    # -------------------------------------------------------------- conditioning
+    def embed_video(self, video: jax.Array, drop: jax.Array | None = None) -> jax.Array:
+        """video [B, L, P, Dv] tokens -> [B, L, P, D].
+
+        drop [B] bool replaces an example's tokens by the learned null token (condition
+        dropout for classifier-free guidance). A fixed sine-cosine time embedding is added.
+        """
+        emb = self.video_embedder(video.astype(self.cfg.compute_dtype))
+        if drop is not None:
+            emb = jnp.where(drop[:, None, None, None], self.null_video.astype(emb.dtype), emb)
+        return emb + sincos_embedding(video.shape[1], self.cfg.width)[None, :, None].astype(emb.dtype)
+
+    def video_kv(self, video_emb: jax.Array):
+        """The cross-attention keys/values of every block, stacked over block pairs.
+
+        Computed once per video by the sampler and reused for every step.
+        """
+
+        @nnx.vmap(in_axes=(0, None), out_axes=0)
+        def project(pair, emb):
+            return pair.video_kv(emb)
+
+        return project(self.blocks, video_emb)
+
+    # -------------------------------------------------------------- forward
+    def embed_motion(self, x: jax.Array, context_mask: jax.Array) -> jax.Array:
+        """x [B, L, 161] -> tokens [B, L, S, D]; context positions get the prompt embedding."""
+        dtype = self.cfg.compute_dtype
+        tokens = self.x_embedder(motion.pack(x) if self.cfg.layout == "slots" else x[:, :, None])
+        tokens = tokens.astype(dtype) + self.slot_embed.astype(dtype)
+        prompt = jnp.broadcast_to(self.prompt_embed.astype(dtype), tokens.shape)
+        tokens = jnp.where(context_mask[:, :, None, None], prompt, tokens)
+        return tokens + sincos_embedding(x.shape[1], self.cfg.width)[None, :, None].astype(dtype)
+
+    def __call__(self, x, t, frame_mask, context_mask, *, video_emb=None, kv=None):
+        """Predict x0 and the variance value.
+
+        x [B, L, 161] noisy normalised motion (ignored at context and padded positions);
+        t [B] diffusion steps on the 1000-step scale; frame_mask [B, L] True on real
+        (context or motion) frames; context_mask [B, L] True on context frames. Give
+        video_emb [B, L, P, D] from `embed_video` or kv from `video_kv`.
+        Returns [B, L, 322] float32, zero on padded frames.
+        """
+        if (video_emb is None) == (kv is None):
+            raise ValueError("DiT: give exactly one of video_emb and kv")
+        c = self.t_embedder(t).astype(self.cfg.compute_dtype)
+        h = self.embed_motion(x, context_mask)
+        policy = REMAT_POLICIES[self.cfg.remat]
+
+        def step(h, pair, pair_kv):
+            if pair_kv is None:
+                pair_kv = pair.video_kv(video_emb)
+            return pair(h, c, pair_kv, frame_mask)
+
+        if self.cfg.remat != "none":
+            step = nnx.remat(step, policy=policy)
+        scan = nnx.scan(step, in_axes=(nnx.Carry, 0, 0 if kv is not None else None), out_axes=nnx.Carry)
+        h = scan(h, self.blocks, kv)
+        out = self.final_layer(h, c)
+        return jnp.where(frame_mask[:, :, None], out, 0.0)

@@ -1,0 +1,124 @@
+"""Ancestral (DDPM) and DDIM samplers as one `lax.scan` each, with motion completion
+and classifier-free guidance.
+
+A denoiser is a function (x_t [B, L, F], t [B] on the 1000-step scale) -> model output
+[B, L, 2F] (predicted x0, variance value). `denoiser` binds a DiT and one batch of video
+to that form, computing the video keys/values once for all steps; `make_sampler` jits
+the whole thing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sabr_jax.diffusion import GaussianDiffusion, _at
+from sabr_jax.motion import MOTION_DIM
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def sample(
+    denoise: Denoiser,
+    diffusion: GaussianDiffusion,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    known: jax.Array | None = None,
+    known_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Draw x0 of `shape` [B, L, F] by running the reverse process over all steps of `diffusion`.
+
+    method: 'ddpm' (learned variance) or 'ddim' (eta = 0 is deterministic).
+    known [B, L, F] and known_mask [B, L] bool: motion completion. The known frames are
+    replaced by q(x_t | known) before every step and by `known` in every x0 prediction,
+    and are returned exactly. The same key gives the same output.
+    """
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"sampling method must be 'ddpm' or 'ddim', got {method!r}")
+    if (known is None) != (known_mask is None):
+        raise ValueError("motion completion needs both `known` and `known_mask`")
+    keep = None if known_mask is None else known_mask[:, :, None]
+    init_key, loop_key = jax.random.split(key)
+    model_timesteps = jnp.asarray(diffusion.timesteps, jnp.int32)
+
+    def step(x, i):
+        t = jnp.full((shape[0],), i, jnp.int32)
+        replace_key, noise_key = jax.random.split(jax.random.fold_in(loop_key, i))
+        if keep is not None:
+            x = jnp.where(keep, diffusion.q_sample(known, t, jax.random.normal(replace_key, shape)), x)
+        x0, log_var = diffusion.split_output(denoise(x, model_timesteps[t]), x, t)
+        if keep is not None:
+            x0 = jnp.where(keep, known, x0)
+        noise = jax.random.normal(noise_key, shape) * (i > 0)
+        if method == "ddpm":
+            mean, _, _ = diffusion.q_posterior_mean_variance(x0, x, t)
+            x = mean + jnp.exp(0.5 * log_var) * noise
+        else:
+            eps = diffusion.predict_eps(x0, x, t)
+            alpha, alpha_prev = _at(diffusion.alphas_cumprod, t, x), _at(diffusion.alphas_cumprod_prev, t, x)
+            sigma = eta * jnp.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
+            x = x0 * jnp.sqrt(alpha_prev) + jnp.sqrt(1 - alpha_prev - sigma**2) * eps + sigma * noise
+        return x, None
+
+    x = jax.random.normal(init_key, shape)
+    x, _ = jax.lax.scan(step, x, jnp.arange(diffusion.num_steps - 1, -1, -1))
+    return x if keep is None else jnp.where(keep, known, x)
+
+
+def guided(conditional: Denoiser, unconditional: Denoiser, scale: float) -> Denoiser:
+    """Classifier-free guidance on the x0 prediction; the variance comes from the conditional."""
+
+    def denoise(x, t):
+        cond, uncond = conditional(x, t), unconditional(x, t)
+        x0_c, v_c = jnp.split(cond, 2, axis=-1)
+        x0_u, _ = jnp.split(uncond, 2, axis=-1)
+        return jnp.concatenate([x0_u + scale * (x0_c - x0_u), v_c], axis=-1)
+
+    return denoise
+
+
+def denoiser(graphdef, params, video, frame_mask, context_mask, *, guidance_scale: float = 1.0, cache_kv: bool = True) -> Denoiser:
+    """Bind a DiT (graphdef, params) to one batch: video [B, L, P, Dv], masks [B, L].
+
+    With cache_kv the cross-attention keys/values of every block are computed here, once,
+    and reused by every step; without it each step recomputes them (less memory).
+    guidance_scale != 1 adds the unconditional branch (null video tokens). The model is
+    merged anew inside each step: NNX modules may not cross the sampler's scan boundary.
+    """
+
+    def bind(drop):
+        model = nnx.merge(graphdef, params)
+        emb = model.embed_video(video, jnp.full(video.shape[:1], drop))
+        cond = {"kv": model.video_kv(emb)} if cache_kv else {"video_emb": emb}
+        return lambda x, t: nnx.merge(graphdef, params)(x, t, frame_mask, context_mask, **cond)
+
+    if guidance_scale == 1.0:
+        return bind(False)
+    return guided(bind(False), bind(True), guidance_scale)
+
+
+def make_sampler(graphdef, cfg):
+    """A jitted function (params, batch, key, known=None, known_mask=None) -> x0 [B, L, 161].
+
+    graphdef: the DiT's graph (nnx.split); cfg: the run config (diffusion and sample
+    sections). batch holds video [B, L, P, Dv], frame_mask and context_mask [B, L]. The
+    output is normalised motion: undo it with the run's NormStats. known / known_mask
+    (normalised motion, [B, L] bool) complete a partial climb.
+    """
+    d, s = cfg.diffusion, cfg.sample
+    diffusion = GaussianDiffusion.create(d.num_steps, d.beta_start, d.beta_end, respace=s.steps)
+
+    @jax.jit
+    def run(params, batch, key, known=None, known_mask=None):
+        denoise = denoiser(graphdef, params, batch["video"], batch["frame_mask"], batch["context_mask"],
+                           guidance_scale=s.guidance_scale, cache_kv=s.cache_kv)
+        shape = batch["frame_mask"].shape + (MOTION_DIM,)
+        return sample(denoise, diffusion, key, shape, method=s.method, eta=s.eta, known=known, known_mask=known_mask)
+
+    return run

@@ -1,0 +1,77 @@
+"""sabr-train: train SABR-CLIMB on one device, one host or a multi-host pod.
+
+    sabr-train --config configs/demo.py --workdir runs/demo
+    sabr-train --config configs/sabr_l.py --config.data.source=tfds --config.data.dir=DATA --workdir W
+    sabr-train --config configs/sabr_l.py --dry_run [--topology v5p:4x4x4]
+
+A workdir that holds a checkpoint is resumed from it (any mesh, any device count).
+SIGTERM (preemption) saves a checkpoint and exits cleanly; rerun the same command to go on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sabr_jax import checkpoint
+from sabr_jax.loop import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys with --config.KEY=VALUE.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one train step and print parameters, FLOPs and memory; do not train.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU topology (e.g. v5p:2x2x2) on any machine; needs the `tpu` extra.")
+_EXPORT = flags.DEFINE_string("export", None, "After training, write the EMA parameters (for sampling) to this directory.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and SLURM.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Call jax.distributed.initialize: 'auto' does when --coordinator_address is given or SLURM runs several tasks; "
+    "'on' always (TPU pods: it finds the other workers itself).",
+)
+
+
+def initialize_distributed() -> None:
+    explicit = _COORDINATOR.value is not None
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or slurm)):
+        return
+    if explicit:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+    if _DRY_RUN.value:
+        from sabr_jax.dry_run import report
+
+        report(cfg, _TOPOLOGY.value)
+        return
+    initialize_distributed()
+    result = train(cfg, _WORKDIR.value)
+    if _EXPORT.value and result["status"] == "done":
+        checkpoint.export_ema(_EXPORT.value, result["state"]["ema"], result["meta"])
+        print(f"EMA parameters exported to {os.path.abspath(_EXPORT.value)}")
+    if result["status"] == "preempted":
+        sys.exit(0)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,169 @@
+"""Training state, loss and the pure, sharded train step.
+
+The state is a plain dict of arrays (what Orbax saves):
+    params     model parameters, float32 (a pure dict mirroring the DiT's attributes)
+    ema        exponential moving average of params
+    opt_state  Optax AdamW state
+    step       int32 scalar: steps taken
+    key        uint32 [2]: the base PRNG key; step s uses fold_in(key, s)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sabr_jax import sharding
+from sabr_jax.diffusion import GaussianDiffusion
+from sabr_jax.model import DiT, DiTConfig
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
+    fields = dict(cfg.model)
+    fields["attention"] = None if fields["attention"] == "auto" else fields["attention"]
+    return DiTConfig(**fields)
+
+
+def build_model(cfg: ml_collections.ConfigDict, seed: int) -> DiT:
+    return DiT(model_config(cfg), rngs=nnx.Rngs(seed))
+
+
+def training_diffusion(cfg: ml_collections.ConfigDict) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion.create(d.num_steps, d.beta_start, d.beta_end)
+
+
+def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = cfg.optim
+    if o.schedule == "constant":
+        decay = optax.constant_schedule(o.lr)
+    elif o.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(o.lr, max(cfg.total_steps - o.warmup_steps, 1))
+    else:
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay], [o.warmup_steps])
+    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+
+
+def ema_update(ema, params, decay: float):
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything static about a run: the model's graph, optimiser, schedule, mesh, shardings."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        cfg = self.cfg
+        if cfg.batch_size % cfg.grad_accum:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
+        abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
+        self.graphdef, abstract_params = nnx.split(abstract)
+        self.diffusion = training_diffusion(cfg)
+        self.tx = optimizer(cfg)
+        params_spec = sharding.param_specs(abstract_params, self.mesh)
+        opt_shapes = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
+        opt_spec = optax.tree_map_params(
+            self.tx, lambda _, spec: spec, opt_shapes, params_spec,
+            transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
+        )
+        spec = {"params": params_spec, "ema": params_spec, "opt_state": opt_spec, "step": P(), "key": P()}
+        self.state_sharding = jax.tree.map(
+            lambda s: NamedSharding(self.mesh, s), spec, is_leaf=lambda x: isinstance(x, P)
+        )
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+
+    # -------------------------------------------------------------- state
+    def _init_fn(self, seed: int):
+        def init():
+            params = nnx.to_pure_dict(nnx.state(build_model(self.cfg, seed)))
+            return {
+                "params": params,
+                "ema": params,
+                "opt_state": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32),
+                "key": jax.random.PRNGKey(seed),
+            }
+
+        return init
+
+    def init_state(self, seed: int) -> dict:
+        """Fresh state, created directly in its sharded layout."""
+        return jax.jit(self._init_fn(seed), out_shardings=self.state_sharding)()
+
+    def abstract_state(self) -> dict:
+        """Shapes, dtypes and shardings of the state (for restoring and ahead-of-time compiles)."""
+        shapes = jax.eval_shape(self._init_fn(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+
+    def model(self, params) -> DiT:
+        return nnx.merge(self.graphdef, params)
+
+    # -------------------------------------------------------------- loss and step
+    def loss(self, params, batch, key):
+        """batch: motion [B, L, 161], video [B, L, P, Dv], frame_mask, context_mask [B, L]."""
+        x0, frame_mask, context_mask = batch["motion"], batch["frame_mask"], batch["context_mask"]
+        b = x0.shape[0]
+        t_key, noise_key, drop_key = jax.random.split(key, 3)
+        t = jax.random.randint(t_key, (b,), 0, self.diffusion.num_steps)
+        x_t = self.diffusion.q_sample(x0, t, jax.random.normal(noise_key, x0.shape))
+        drop = jax.random.bernoulli(drop_key, self.cfg.cond_drop_prob, (b,)) if self.cfg.cond_drop_prob > 0 else None
+        model = self.model(params)
+        out = model(x_t, t, frame_mask, context_mask, video_emb=model.embed_video(batch["video"], drop))
+        return self.diffusion.loss(out, x0, x_t, t, frame_mask & ~context_mask)
+
+    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimiser step on the global batch (split into grad_accum micro-batches).
+
+        A step whose loss or gradient norm is not finite changes nothing but `step`; its
+        metrics say so (`finite` = 0).
+        """
+        key = jax.random.fold_in(state["key"], state["step"])
+        accum = self.cfg.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+        def accumulate(carry, inputs):
+            index, mb = inputs
+            (loss, terms), grads = grad_fn(state["params"], mb, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+
+        zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"mse": jnp.zeros(()), "vlb": jnp.zeros(())}, state["params"]))
+        (loss, terms, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(accum), micro))
+        loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {
+            "params": params,
+            "ema": ema_update(state["ema"], params, self.cfg.ema_decay),
+            "opt_state": opt_state,
+        }
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
+        new.update(step=state["step"] + 1, key=state["key"])
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+                   "loss_finite": jnp.isfinite(loss).astype(jnp.float32)}
+        return new, metrics
+
+    @functools.cached_property
+    def jit_train_step(self):
+        return jax.jit(
+            self.train_step,
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+            donate_argnums=0,
+        )

@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from util import forward, spoil, tiny_batch, tiny_model
+
+from sabr_jax.config import base_config
+from sabr_jax.model import DiT, DiTConfig, window
+
+LAYOUTS = [("slots", {}), ("slots", {"cross_window": 1}), ("frame", {})]
+
+
+@pytest.mark.parametrize("layout", ["slots", "frame"])
+def test_output_is_zero_at_initialisation(layout):
+    model = tiny_model(layout, randomize=False)
+    out = forward(model, tiny_batch())
+    assert out.shape == (2, 10, 322)
+    assert float(jnp.abs(out).max()) == 0.0
+
+
+@pytest.mark.parametrize("layout,extra", LAYOUTS)
+def test_padding_changes_nothing_real(layout, extra):
+    model = tiny_model(layout, **extra)
+    batch = tiny_batch()
+    out = forward(model, batch)
+    assert float(jnp.abs(out).max()) > 0.1  # the randomised model is not trivial
+    padded = ~batch["frame_mask"]
+    out_spoiled = forward(model, spoil(batch, padded))
+    np.testing.assert_allclose(out_spoiled[batch["frame_mask"]], out[batch["frame_mask"]], rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(out_spoiled[padded]).max()) == 0.0
+
+
+@pytest.mark.parametrize("layout,extra", LAYOUTS)
+def test_context_motion_is_never_read(layout, extra):
+    model = tiny_model(layout, **extra)
+    batch = tiny_batch()
+    spoiled = spoil(batch, batch["context_mask"])
+    spoiled["video"] = batch["video"]  # only the (ignored) motion input of the context frames changes
+    np.testing.assert_allclose(forward(model, spoiled), forward(model, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,extra", LAYOUTS)
+def test_video_conditions_the_output(layout, extra):
+    model = tiny_model(layout, **extra)
+    batch = tiny_batch()
+    other = dict(batch, video=batch["video"][::-1].copy())
+    assert float(jnp.abs(forward(model, other) - forward(model, batch)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("layout,extra", LAYOUTS)
+def test_cached_keys_values_match(layout, extra):
+    model = tiny_model(layout, **extra)
+    batch = tiny_batch()
+    emb = model.embed_video(jnp.asarray(batch["video"]))
+    args = (jnp.asarray(batch["motion"]), jnp.array([3, 600]), batch["frame_mask"], batch["context_mask"])
+    np.testing.assert_allclose(model(*args, kv=model.video_kv(emb)), model(*args, video_emb=emb), rtol=1e-5, atol=1e-6)
+
+
+def test_remat_and_bf16_run_and_agree():
+    batch = tiny_batch()
+    ref = forward(tiny_model("slots"), batch)
+    np.testing.assert_allclose(forward(tiny_model("slots", remat="full"), batch), ref, rtol=1e-5, atol=1e-5)
+    low = forward(tiny_model("slots", dtype="bfloat16"), batch)
+    assert low.dtype == jnp.float32
+    assert float(jnp.abs(low - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def test_window_gathers_neighbours_and_masks_edges():
+    kv = jnp.arange(5.0).reshape(1, 5, 1, 1, 1) + 1  # frame t holds t + 1
+    mask = jnp.array([[True, True, True, True, False]])
+    out, valid = window(kv, mask, 1)
+    assert out.shape == (1, 5, 3, 1, 1)
+    np.testing.assert_array_equal(out[0, :, :, 0, 0], [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 0]])
+    np.testing.assert_array_equal(valid[0], [[0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]])
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="layout"):
+        DiTConfig(layout="tokens")
+    with pytest.raises(ValueError, match="even"):
+        DiTConfig(depth=3)
+    with pytest.raises(ValueError, match="divisible"):
+        DiTConfig(width=100, heads=3)
+
+
+@pytest.mark.parametrize("layout", ["slots", "frame"])
+def test_sabr_l_has_about_600m_parameters(layout):
+    cfg = base_config().model
+    cfg.update(width=1024, heads=16, depth=24, video_dim=1024, layout=layout, attention=None)
+    abstract = nnx.eval_shape(lambda: DiT(DiTConfig(**cfg), rngs=nnx.Rngs(0)))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert 550e6 <= count <= 650e6, count
