@@ -2,12 +2,21 @@
 
 Each checkpoint `WORKDIR/checkpoints/<step>/` holds
     state      the train state (params, ema, opt_state, step, key), sharded arrays
-    data_iter  the Grain iterator state of every host (so a resume neither repeats nor skips)
+    data_iter  JSON: the input position, {"next_batch", "global_batch_size", "seed"}
     meta       JSON: the config and the normalisation statistics
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it when
-complete, so a process killed mid-save leaves the previous checkpoint intact. Restoring
-takes the target shardings from the caller: a checkpoint restores onto any mesh.
+complete, so a process killed mid-save leaves the previous checkpoint intact (the
+unfinished one is ignored and cleaned up by the next run). Restoring takes the target
+shardings from the caller: a checkpoint restores onto any mesh and device count.
+
+Why the data iterator is a position, not Grain's per-process iterator state: Grain saves
+one state per process (`process_<i>-of-<n>.json`), which cannot be restored by a
+different number of processes. The input pipeline (sabr_jax.data.pipeline) is a pure
+function of (seed, global batch index): global batch g has the same examples, windows and
+row order on any number of hosts, and each host reads its rows of it. So the number of
+global batches consumed is the complete iterator state; a resumed run, on any number of
+hosts and with any number of Grain workers, re-creates its iterator at that batch.
 
 `export_ema` writes the EMA parameters alone with the meta: what sampling loads.
 """
@@ -18,10 +27,10 @@ import json
 import os
 import shutil
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.experimental import multihost_utils
 
 from sabr_jax.motion import NormStats
@@ -35,30 +44,51 @@ def read_meta(meta_dict: dict) -> tuple[ml_collections.ConfigDict, NormStats]:
     return ml_collections.ConfigDict(meta_dict["config"]), NormStats.from_dict(meta_dict["norm_stats"])
 
 
+def data_position(next_batch: int, cfg: ml_collections.ConfigDict) -> dict:
+    """The data_iter item: global batches consumed so far (= the next one to read)."""
+    return {"next_batch": int(next_batch), "global_batch_size": int(cfg.batch_size), "seed": int(cfg.seed)}
+
+
+def data_start_batch(position: dict, cfg: ml_collections.ConfigDict) -> int:
+    """The global batch a resumed run starts reading at (same examples if the batch size changed)."""
+    examples = position["next_batch"] * position["global_batch_size"]
+    if position["global_batch_size"] != cfg.batch_size or position["seed"] != cfg.seed:
+        logging.warning(
+            "resuming with batch size %d / seed %d, the checkpoint used %d / %d: the data order differs from an "
+            "uninterrupted run", cfg.batch_size, cfg.seed, position["global_batch_size"], position["seed"],
+        )
+    return -(-examples // cfg.batch_size)
+
+
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"), options=options, item_names=("state", "data_iter", "meta")
     )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta_dict: dict) -> None:
-    """Start an asynchronous save (returns once the arrays are copied off the devices)."""
+def save(mngr: ocp.CheckpointManager, step: int, state, position: dict, meta_dict: dict) -> None:
+    """Start an asynchronous save (returns once the arrays are copied off the devices).
+
+    position: `data_position(...)`.
+    """
     mngr.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            data_iter=ocp.args.JsonSave(position),
             meta=ocp.args.JsonSave(meta_dict),
         ),
         force=True,
     )
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int | None = None):
-    """Restore the newest (or given) step into `abstract_state`'s shardings and `data_iter`.
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """Restore the newest (or given) step into `abstract_state`'s shardings.
 
-    Returns (state, meta dict), or None when the directory holds no checkpoint.
+    Returns (state, meta dict, data position dict), or None when there is no checkpoint.
     """
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -67,11 +97,11 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int | 
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+            data_iter=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         ),
     )
-    return restored["state"], restored["meta"]
+    return restored["state"], restored["meta"], restored["data_iter"]
 
 
 def export_ema(path: str, ema_params, meta_dict: dict) -> None:

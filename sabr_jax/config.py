@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
         dir="",
         max_frames=1100,  # time positions per example: context frames + motion window + padding
         context_frames=16,  # at most this many route frames are used as the prompt
-        num_patches=700,  # video tokens per frame (20x35 DINOv2 patches; 175 with 2x2 pooling)
+        num_patches=700,  # video tokens per frame (20x35 DINOv2 patches; 180 with sabr-prepare --pool 2)
         num_workers=0,  # Grain worker processes (0: read in the training process)
         num_clips=64, min_clip_frames=48, max_clip_frames=1200,  # synthetic source only
     ))
@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
 def demo_config() -> ml_collections.ConfigDict:
     """The embedded default: a tiny model on synthetic clips that trains on 2 CPU cores in minutes."""
     c = base_config()
-    c.total_steps = 600
+    c.total_steps = 400
     c.log_every = 50
     c.checkpoint_every = 200
     c.batch_size = 8
@@ -68,5 +68,5 @@ def demo_config() -> ml_collections.ConfigDict:
     c.model.update(width=64, heads=4, depth=4, video_dim=32, dtype="float32", remat="none")
     c.optim.update(lr=1e-3, warmup_steps=50, clip_norm=1.0)
     c.sample.update(steps=50)
-    c.data.update(max_frames=48, context_frames=4, num_patches=8, num_clips=64, min_clip_frames=24, max_clip_frames=96)
+    c.data.update(max_frames=32, context_frames=4, num_patches=8, num_clips=64, min_clip_frames=24, max_clip_frames=96)
     return c

@@ -89,12 +89,20 @@ class GaussianDiffusion:
         return mean, _at(self.posterior_variance, t, x0), _at(self.posterior_log_variance_clipped, t, x0)
 
     # -------------------------------------------------------------- reverse process
-    def split_output(self, model_out, x_t, t):
-        """model_out [..., 2F] -> (x0 prediction, log variance of p(x_{t-1} | x_t)), ADM learned range."""
+    def split_output(self, model_out, x_t, t, clamp: bool = False):
+        """model_out [..., 2F] -> (x0 prediction, log variance of p(x_{t-1} | x_t)), ADM learned range.
+
+        The log variance interpolates between the posterior's (v = -1) and beta_t's
+        (v = +1), as in ADM, which trains v unconstrained. clamp=True (sampling) keeps it
+        inside that range, where every true reverse-process variance lies: an
+        undertrained network can otherwise ask for far more noise than beta_t.
+        """
         x0, v = jnp.split(model_out, 2, axis=-1)
         min_log = _at(self.posterior_log_variance_clipped, t, x_t)
         max_log = _at(self.log_betas, t, x_t)
         frac = (v + 1.0) / 2.0
+        if clamp:
+            frac = jnp.clip(frac, 0.0, 1.0)
         return x0, frac * max_log + (1.0 - frac) * min_log
 
     def predict_eps(self, x0_pred, x_t, t):

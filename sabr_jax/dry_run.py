@@ -1,9 +1,15 @@
 """`sabr-train --dry_run`: compile the real train step without training and report its size.
 
-Prints `parameters: N`, FLOPs per step (XLA's cost analysis) and the compiled memory
-estimate per device. With a TPU topology name (e.g. "v5p:2x2x2") the step is compiled
-ahead of time for that pod slice on any machine (needs libtpu: the `tpu` extra), so a
-team learns before launch whether a config fits.
+Prints the parameter count, FLOPs per step and the compiled memory per device, and
+which attention kernels the step uses. With a TPU topology name (e.g. "v5p:2x2x2") the
+step is compiled ahead of time for that pod slice on any machine (needs libtpu: the
+`tpu` extra), so a team learns before launch whether a config fits.
+
+FLOPs: XLA's cost analysis counts the body of a loop once, whatever its trip count, and
+the model scans over its blocks (and the step over grad_accum micro-batches), so it
+under-reports by about depth/2. `jaxpr_flops` counts matrix-multiply FLOPs on the traced
+step instead, multiplying loop bodies by their lengths: forward, backward and
+rematerialised recomputation, i.e. what the hardware executes. MFU uses these.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from sabr_jax.motion import MOTION_DIM
 from sabr_jax.trainer import Trainer
 
 GIB = 2**30
+
+# HBM per chip, by TPU generation (public figures), for the "fits" verdict.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5 lite": 16, "v5p": 95, "v5": 95, "v6e": 32, "v6 lite": 32}
 
 
 def abstract_batch(cfg, batch_sharding) -> dict:
@@ -47,38 +56,112 @@ def topology_devices(name: str):
         ) from e
 
 
+# ---------------------------------------------------------------------- FLOPs
+def _sub_jaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matrix-multiply FLOPs (2 per multiply-add) of a (closed) jaxpr, whole program.
+
+    Loops count their length times (scan; a while loop, whose length is unknown, once),
+    a cond its most expensive branch, a shard_map body once per shard, a Pallas kernel
+    once per grid point.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            (contract, _), _ = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+            continue
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # (out features, in features / groups, *window), permuted
+            out_dim = params["dimension_numbers"].rhs_spec[0]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[out_dim]
+            continue
+        subs = [jaxpr_flops(j) for j in _sub_jaxprs(params)]
+        if not subs:
+            continue
+        if name == "cond":
+            total += max(subs)
+        elif name == "scan":
+            total += params["length"] * sum(subs)
+        elif name == "shard_map":
+            mesh, axes = params["mesh"], params.get("manual_axes") or params.get("axis_names") or ()
+            total += math.prod(mesh.shape[a] for a in axes) * sum(subs)
+        elif name == "pallas_call":
+            grid = getattr(params.get("grid_mapping"), "grid", ()) or ()
+            total += math.prod(int(g) for g in grid) * sum(subs)
+        else:  # jit, remat, custom_jvp/vjp, while (body once), ...
+            total += sum(subs)
+    return total
+
+
+def kernel_counts(hlo_text: str) -> dict[str, int]:
+    """Attention kernels in lowered (StableHLO) text: Mosaic (splash) custom calls."""
+    return {"splash (Mosaic custom calls)": hlo_text.count("tpu_custom_call")}
+
+
+# ---------------------------------------------------------------------- compile
 def compile_step(cfg, devices=None):
-    """-> (trainer, compiled train step) for cfg on `devices` (default: this machine's)."""
+    """-> (trainer, compiled train step, FLOPs per step, lowered text) for cfg on `devices`."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     trainer = Trainer(cfg, mesh)
-    with jax.set_mesh(mesh):
-        compiled = trainer.jit_train_step.lower(trainer.abstract_state(), abstract_batch(cfg, trainer.batch_sharding)).compile()
-    return trainer, compiled
+    with jax.set_mesh(mesh):  # attention picks its kernel for the mesh's platform
+        traced = trainer.jit_train_step.trace(trainer.abstract_state(), abstract_batch(cfg, trainer.batch_sharding))
+        lowered = traced.lower()
+        compiled = lowered.compile()
+    return trainer, compiled, jaxpr_flops(traced.jaxpr), lowered.as_text()
+
+
+def hbm_gib(device) -> float | None:
+    kind = device.device_kind.lower()
+    for name, gib in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(f"tpu {name}") or kind.startswith(name):
+            return gib
+    return None
 
 
 def report(cfg, topology: str | None = None) -> dict:
     devices = topology_devices(topology) if topology else None
-    trainer, compiled = compile_step(cfg, devices)
+    trainer, compiled, flops, text = compile_step(cfg, devices)
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state()["params"]))
-    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
     mem = compiled.memory_analysis()
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     n = trainer.mesh.size
+    device = trainer.mesh.devices.flat[0]
+    hbm = hbm_gib(device) if device.platform == "tpu" else None
+    kernels = kernel_counts(text)
     figures = {
         "parameters": params,
         "devices": n,
-        "flops_per_device": flops,
-        "flops_per_step": flops * n,
+        "flops_per_step": flops,
+        "flops_per_device": flops / n,
+        "xla_flops_per_device": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
         "memory_per_device_gib": per_device / GIB,
+        "hbm_per_device_gib": hbm,
+        "fits": None if hbm is None else per_device / GIB <= hbm,
+        "splash_calls": kernels["splash (Mosaic custom calls)"],
     }
     where = topology or f"{n} x {jax.devices()[0].platform}"
     print(f"config: layout={cfg.model.layout} width={cfg.model.width} depth={cfg.model.depth} "
           f"frames={cfg.data.max_frames} patches={cfg.data.num_patches} global batch={cfg.batch_size} "
-          f"dtype={cfg.model.dtype} remat={cfg.model.remat}")
-    print(f"target: {where}, mesh {dict(trainer.mesh.shape)}")
+          f"grad_accum={cfg.grad_accum} dtype={cfg.model.dtype} remat={cfg.model.remat}")
+    print(f"target: {where} ({device.device_kind}), mesh {dict(trainer.mesh.shape)}")
     print(f"parameters: {params}")
-    print(f"flops per step: {flops * n:.4g} ({flops:.4g} per device)")
+    print(f"flops per step: {flops:.4g} ({flops / n:.4g} per device; matmuls incl. backward and remat)")
     print(f"memory per device: {per_device / GIB:.2f} GiB (arguments {mem.argument_size_in_bytes / GIB:.2f}, "
           f"temporaries {mem.temp_size_in_bytes / GIB:.2f}, outputs {mem.output_size_in_bytes / GIB:.2f}, "
           f"aliased {mem.alias_size_in_bytes / GIB:.2f})")
+    print("attention kernels: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
+    if hbm is not None:
+        print(f"fits: {'yes' if figures['fits'] else 'NO'} ({per_device / GIB:.2f} of {hbm} GiB HBM per chip)")
     return figures

@@ -52,7 +52,7 @@ def sample(
         replace_key, noise_key = jax.random.split(jax.random.fold_in(loop_key, i))
         if keep is not None:
             x = jnp.where(keep, diffusion.q_sample(known, t, jax.random.normal(replace_key, shape)), x)
-        x0, log_var = diffusion.split_output(denoise(x, model_timesteps[t]), x, t)
+        x0, log_var = diffusion.split_output(denoise(x, model_timesteps[t]), x, t, clamp=True)
         if keep is not None:
             x0 = jnp.where(keep, known, x0)
         noise = jax.random.normal(noise_key, shape) * (i > 0)

@@ -49,6 +49,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split: mesh data x fsdp."""
+    return math.prod(mesh.shape[a] for a in BATCH)
+
+
+def process_rows(batch_size: int, mesh: Mesh) -> tuple[int, int]:
+    """The rows [start, stop) of a global batch that this process's devices hold.
+
+    `jax.make_array_from_process_local_data` takes exactly these rows from each process.
+    Processes whose devices hold the same rows (the batch replicated across processes,
+    e.g. over a 'tensor' axis spanning hosts) get the same range and load the same data.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(batch_size))})
+    start, stop = rows[0], rows[-1] + 1
+    if rows != list(range(start, stop)) or batch_size % (stop - start) or start % (stop - start):
+        raise ValueError(
+            f"process {jax.process_index()} holds rows {rows} of the batch: not one aligned contiguous block. "
+            "Order the mesh devices by process (sharding.make_mesh does)."
+        )
+    return start, stop
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -3,9 +3,12 @@
     sabr-train --config configs/demo.py --workdir runs/demo
     sabr-train --config configs/sabr_l.py --config.data.source=tfds --config.data.dir=DATA --workdir W
     sabr-train --config configs/sabr_l.py --dry_run [--topology v5p:4x4x4]
+    sabr-train ... --coordinator_address HOST0:1234 --num_processes N --process_id I   (multi-host)
 
-A workdir that holds a checkpoint is resumed from it (any mesh, any device count).
-SIGTERM (preemption) saves a checkpoint and exits cleanly; rerun the same command to go on.
+A workdir that holds a checkpoint is resumed from it (any mesh, any device count, any
+number of processes). SIGTERM (preemption) saves a checkpoint and exits with status 0;
+rerun the same command to go on. A non-finite step with on_nonfinite='stop' exits with
+status 1 without saving it. See launch/ for TPU pod, SLURM and single-host scripts.
 """
 
 from __future__ import annotations
@@ -30,15 +33,21 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "Call jax.distributed.initialize: 'auto' does when --coordinator_address is given or SLURM runs several tasks; "
-    "'on' always (TPU pods: it finds the other workers itself).",
+    "Call jax.distributed.initialize: 'auto' does when --coordinator_address is given, SLURM runs several tasks "
+    "or a multi-host TPU slice is detected (TPU_WORKER_HOSTNAMES); 'on' always (it then finds the other processes "
+    "itself on TPU pods, SLURM, Open MPI and Kubernetes); 'off' never.",
 )
+
+
+def _multihost_environment() -> bool:
+    slurm = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))) > 1
+    tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
+    return slurm or tpu_pod
 
 
 def initialize_distributed() -> None:
     explicit = _COORDINATOR.value is not None
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or slurm)):
+    if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or _multihost_environment())):
         return
     if explicit:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -64,6 +73,8 @@ def main(argv) -> None:
     if _EXPORT.value and result["status"] == "done":
         checkpoint.export_ema(_EXPORT.value, result["state"]["ema"], result["meta"])
         print(f"EMA parameters exported to {os.path.abspath(_EXPORT.value)}")
+    if result["status"] == "nonfinite":
+        sys.exit(f"training stopped at step {result['step']}: non-finite loss or gradients (on_nonfinite='stop')")
     if result["status"] == "preempted":
         sys.exit(0)
 

@@ -67,8 +67,12 @@ class Trainer:
 
     def __post_init__(self):
         cfg = self.cfg
-        if cfg.batch_size % cfg.grad_accum:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
+        shards = sharding.batch_shards(self.mesh)
+        if cfg.batch_size % (cfg.grad_accum * shards):
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x the batch shards "
+                f"(mesh data x fsdp = {shards}): each micro-batch is split evenly over the devices"
+            )
         abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
         self.graphdef, abstract_params = nnx.split(abstract)
         self.diffusion = training_diffusion(cfg)
@@ -112,39 +116,80 @@ class Trainer:
         return nnx.merge(self.graphdef, params)
 
     # -------------------------------------------------------------- loss and step
-    def loss(self, params, batch, key):
-        """batch: motion [B, L, 161], video [B, L, P, Dv], frame_mask, context_mask [B, L]."""
-        x0, frame_mask, context_mask = batch["motion"], batch["frame_mask"], batch["context_mask"]
+    def draw(self, key, batch) -> dict:
+        """The step's random inputs for the whole global batch: diffusion step t [B], noise
+        like motion, condition-dropout flags [B].
+
+        Drawn once per step for the global batch and laid out like it, so neither the
+        device count nor the grad_accum split changes them (threefry keys are partitionable:
+        the values do not depend on the sharding).
+        """
+        x0 = batch["motion"]
         b = x0.shape[0]
         t_key, noise_key, drop_key = jax.random.split(key, 3)
-        t = jax.random.randint(t_key, (b,), 0, self.diffusion.num_steps)
-        x_t = self.diffusion.q_sample(x0, t, jax.random.normal(noise_key, x0.shape))
-        drop = jax.random.bernoulli(drop_key, self.cfg.cond_drop_prob, (b,)) if self.cfg.cond_drop_prob > 0 else None
+        rand = {
+            "t": jax.random.randint(t_key, (b,), 0, self.diffusion.num_steps),
+            "noise": jax.random.normal(noise_key, x0.shape, x0.dtype),
+            "drop": jax.random.bernoulli(drop_key, self.cfg.cond_drop_prob, (b,)),
+        }
+        return jax.tree.map(lambda x: self._constrain(x, sharding.BATCH), rand)
+
+    def _constrain(self, x, *spec):
+        """with_sharding_constraint to P(*spec) on this trainer's mesh, inside jit."""
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
+
+    def loss(self, params, batch, rand):
+        """batch: motion [B, L, 161], video [B, L, P, Dv], frame_mask, context_mask [B, L];
+        rand: the step's random inputs for these examples (see `draw`)."""
+        x0, frame_mask, context_mask = batch["motion"], batch["frame_mask"], batch["context_mask"]
+        t = rand["t"]
+        x_t = self.diffusion.q_sample(x0, t, rand["noise"])
+        drop = rand["drop"] if self.cfg.cond_drop_prob > 0 else None
         model = self.model(params)
         out = model(x_t, t, frame_mask, context_mask, video_emb=model.embed_video(batch["video"], drop))
         return self.diffusion.loss(out, x0, x_t, t, frame_mask & ~context_mask)
 
+    def split_micro(self, tree):
+        """[B, ...] -> [A, B/A, ...] for grad_accum = A: micro-batch a is rows a, a+A, a+2A, ...
+
+        Strided, not blocked: with the batch sharded over data x fsdp (each device holding
+        a contiguous block of rows), every micro-batch then takes B/(A*n) rows from every
+        device, so the split moves no data between devices; the constraint keeps XLA from
+        choosing another layout. The loss is a mean over examples, so the mean of the
+        micro-batch losses (and gradients) is the global batch's whenever every example
+        has a counted frame (always so for pipeline batches).
+        """
+        a = self.cfg.grad_accum
+        def split(x):
+            x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
+            return self._constrain(x, None, sharding.BATCH)
+        return jax.tree.map(split, tree)
+
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimiser step on the global batch (split into grad_accum micro-batches).
 
-        A step whose loss or gradient norm is not finite changes nothing but `step`; its
-        metrics say so (`finite` = 0).
+        A step whose loss or gradient norm is not finite changes nothing but `step` (params,
+        EMA and optimiser state keep their values); its metrics say so: `finite` = 0,
+        `loss_finite`, and `grad_leaf_finite` (one flag per parameter, in the order of
+        `param_names`).
         """
         key = jax.random.fold_in(state["key"], state["step"])
-        accum = self.cfg.grad_accum
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        rand = self.draw(key, batch)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        accum = self.cfg.grad_accum
+        if accum == 1:
+            (loss, terms), grads = grad_fn(state["params"], batch, rand)
+        else:
+            def accumulate(carry, inputs):
+                mb, mr = inputs
+                (loss, terms), grads = grad_fn(state["params"], mb, mr)
+                return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
 
-        def accumulate(carry, inputs):
-            index, mb = inputs
-            (loss, terms), grads = grad_fn(state["params"], mb, jax.random.fold_in(key, index))
-            return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+            zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"mse": jnp.zeros(()), "vlb": jnp.zeros(())}, state["params"]))
+            (loss, terms, grads), _ = jax.lax.scan(accumulate, zero, (self.split_micro(batch), self.split_micro(rand)))
+            loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
 
-        zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"mse": jnp.zeros(()), "vlb": jnp.zeros(())}, state["params"]))
-        (loss, terms, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(accum), micro))
-        loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
-
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -155,12 +200,23 @@ class Trainer:
         }
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
         new.update(step=state["step"] + 1, key=state["key"])
-        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
-                   "loss_finite": jnp.isfinite(loss).astype(jnp.float32)}
+        metrics = {
+            "loss": loss, **terms, "grad_norm": grad_norm,
+            "finite": finite.astype(jnp.float32),
+            "loss_finite": jnp.isfinite(loss).astype(jnp.float32),
+            "grad_leaf_finite": jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),
+        }
         return new, metrics
 
     @functools.cached_property
+    def param_names(self) -> list[str]:
+        """'/'-joined paths of the parameters, in the order of `grad_leaf_finite`."""
+        paths = jax.tree_util.tree_flatten_with_path(self.abstract_state()["params"])[0]
+        return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in paths]
+
+    @functools.cached_property
     def jit_train_step(self):
+        """The pure train step: state (donated) and global batch in, explicit shardings."""
         return jax.jit(
             self.train_step,
             in_shardings=(self.state_sharding, self.batch_sharding),

@@ -89,23 +89,35 @@ def dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     num_workers: int = 0,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """An endless, checkpointable iterator over batches for one host.
+    """An endless, checkpointable iterator over one host's part of every global batch.
 
-    Each host reads a disjoint 1/shard_count of the clips; the clips are shuffled anew
-    every epoch from `seed`; each visit draws a new random window. batch_size is the
-    per-host batch. num_workers > 0 reads in that many worker processes.
+    There is one global stream of examples, whatever the number of hosts: the clips are
+    shuffled anew every epoch from `seed`, each visit draws a random window (seeded by its
+    position in the stream), and global batch g is examples g*G .. (g+1)*G - 1 with
+    G = batch_size * shard_count. Host `shard_index` of `shard_count` reads only rows
+    shard_index*batch_size .. (shard_index+1)*batch_size - 1 of each global batch, so
+    the global batches (content and row order) do not depend on how many hosts read
+    them, and neither does the iterator position: after k batches every host is at
+    global batch k. `start_batch` starts at global batch k (how a resumed run
+    re-creates its iterator, on any number of hosts). batch_size is the per-host batch;
+    num_workers > 0 reads in that many worker processes.
     """
-    clips = grain.MapDataset.range(len(source))[shard_index::shard_count]
-    if len(clips) == 0:
-        raise ValueError(f"data shard {shard_index} of {shard_count} has no clips (the source has {len(source)})")
-    ds = (
-        clips.shuffle(seed=seed)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
+    if len(source) == 0:
+        raise ValueError("the clip source has no clips")
+    examples = (
+        grain.MapDataset.range(len(source))
+        .shuffle(seed=seed)
         .repeat()
         .random_map(Windowing(source, max_frames, context_frames, stats), seed=seed + 1)
-        .batch(batch_size, drop_remainder=True)
-        .to_iter_dataset()
     )
+    # Lazy: element j of `chunks` is rows of global batch j // shard_count; a host
+    # touches only its own chunks' examples.
+    chunks = examples.batch(batch_size, drop_remainder=True)
+    ds = chunks[shard_index + start_batch * shard_count :: shard_count].to_iter_dataset()
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds

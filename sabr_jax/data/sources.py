@@ -29,5 +29,5 @@ def open_source(cfg: ml_collections.ConfigDict, split: str = "train") -> tuple[p
     if data.source == "tfds":
         from sabr_jax.data.tfds_source import open_tfds
 
-        return open_tfds(data.dir, split)
+        return open_tfds(data.dir, split, cfg=cfg)
     raise ValueError(f"data.source must be 'synthetic' or 'tfds', got {data.source!r}")

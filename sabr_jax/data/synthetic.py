@@ -2,8 +2,9 @@
 
 Each clip is a smooth "climb": joint rotations oscillate around a per-clip pose, the bbox
 rises up the image, the camera breathes, the betas are constant. Its video tokens are a
-fixed random linear "rendering" of the motion plus a static per-clip wall and noise, so
-the tokens carry information about the motion and learning is measurable. The context
+fixed random linear "rendering" of the motion (each patch token sees some of the token
+slots) plus a static per-clip wall and noise, so the tokens carry information about the
+motion and learning is measurable. The context
 tokens render the clip's route: the motion at evenly spaced moments of the climb.
 Clip i depends only on (seed, first_clip + i): any process can read any clip without
 coordination, and sources with disjoint clip ranges (train, validation) share one world.
@@ -42,8 +43,17 @@ class SyntheticClips:
         self.min_frames, self.max_frames, self.context_frames = min_frames, max_frames, context_frames
         self.num_patches, self.video_dim, self.noise = num_patches, video_dim, noise
         renderer = np.random.default_rng([seed, 2**31 - 1])
-        # [P, Dv, 161]: how each patch token sees the motion vector.
+        # [P, Dv, 161]: how each patch token sees the motion vector, each feature centred and
+        # weighed by 1 / its spread, so that every feature is as visible as every other.
         self._render = renderer.normal(0, 1 / np.sqrt(M.MOTION_DIM), (num_patches, video_dim, M.MOTION_DIM)).astype(np.float32)
+        # Patch p sees only the slots s with s % P == p (a body part), as a real patch sees
+        # only part of the scene; a fixed per-patch code tells the patches apart.
+        slot_of_feature = np.repeat(np.arange(M.NUM_SLOTS), [width for _, width in M.SLOTS])
+        self._render *= (slot_of_feature[None, None, :] % num_patches == np.arange(num_patches)[:, None, None])
+        self._patch_code = renderer.normal(0, 1.0, (num_patches, video_dim)).astype(np.float32)
+        reference = np.concatenate([self._motion(np.random.default_rng([seed, 2**31 - 2, i])) for i in range(8)])
+        self._center = reference.mean(0)
+        self._render /= np.maximum(reference.std(0), 1e-2)
 
     def __len__(self) -> int:
         return self.num_clips
@@ -65,9 +75,8 @@ class SyntheticClips:
             raise IndexError(f"clip {index} out of range [0, {self.num_clips})")
         return np.random.default_rng([self.seed, self.first_clip + index])
 
-    @functools.lru_cache(maxsize=64)
-    def _clip(self, index: int) -> dict[str, np.ndarray]:
-        rng = self._rng(index)
+    def _motion(self, rng: np.random.Generator) -> np.ndarray:
+        """A smooth climb [n, 161]; the first draw of `rng` is its length n."""
         n = int(rng.integers(self.min_frames, self.max_frames + 1))
         seconds = np.arange(n)[:, None] / FPS  # [n, 1]
 
@@ -77,7 +86,7 @@ class SyntheticClips:
 
         base_pose = rng.normal(0, 0.3, M.NUM_JOINTS * 3)
         axis_angle = (base_pose + wave(M.NUM_JOINTS * 3, 0.4)).reshape(n, M.NUM_JOINTS, 3)
-        rot6d = np.asarray(M.matrix_to_rot6d(M.axis_angle_to_matrix(axis_angle.astype(np.float32)))).reshape(n, -1)
+        rot6d = M.matrix_to_rot6d(M.axis_angle_to_matrix(axis_angle)).reshape(n, -1)
         progress = seconds / seconds[-1].clip(1 / FPS)  # 0 -> 1 over the climb
         box_size = rng.uniform(0.15, 0.3, 2)
         start_x = rng.uniform(0.2, 0.6)
@@ -86,9 +95,14 @@ class SyntheticClips:
         )
         camera = np.concatenate([0.9 + wave(1, 0.05), wave(2, 0.1)], axis=1)
         betas = np.broadcast_to(rng.normal(0, 0.5, M.NUM_BETAS), (n, M.NUM_BETAS))
-        vectors = np.concatenate([bbox, camera, rot6d, betas], axis=1).astype(np.float32)
+        return np.concatenate([bbox, camera, rot6d, betas], axis=1).astype(np.float32)
 
-        wall = rng.normal(0, 0.5, (self.num_patches, self.video_dim)).astype(np.float32)
+    @functools.lru_cache(maxsize=64)
+    def _clip(self, index: int) -> dict[str, np.ndarray]:
+        rng = self._rng(index)
+        vectors = self._motion(rng)
+        n = len(vectors)
+        wall = rng.normal(0, 0.2, (self.num_patches, self.video_dim)).astype(np.float32)
         video = self._view(vectors) + wall + rng.normal(0, self.noise, (n, self.num_patches, self.video_dim))
         route = vectors[np.linspace(0, n - 1, self.context_frames).round().astype(int)]
         context = self._view(route) + wall
@@ -96,4 +110,4 @@ class SyntheticClips:
 
     def _view(self, vectors: np.ndarray) -> np.ndarray:
         """[n, 161] -> [n, P, Dv] token 'rendering'."""
-        return np.einsum("pdf,nf->npd", self._render, vectors)
+        return np.einsum("pdf,nf->npd", self._render, vectors - self._center) + self._patch_code

@@ -1,0 +1,592 @@
+"""`sabr-prepare`: user clips -> motion vectors + DINOv2 tokens -> a TFDS dataset.
+
+    sabr-prepare CLIPS --data_dir DIR --encoder /path/to/dinov2-with-registers-large
+
+CLIPS/<clip_id>/ holds video.mp4, context/*.png (optional), tracks.pkl (PHALP /
+4D-Humans) and holds.json (optional). Two stages:
+
+1. Per clip (split between hosts by jax.process_index; resumable): decode the video,
+   resample to 24 FPS (nearest timestamp, see sabr_jax.data.video), resize to 368x640,
+   read the climber's track (sabr_jax.data.tracks), keep the frames where the climber is
+   detected, encode every kept frame and every route image with the frozen DINOv2
+   (batched, data-parallel over the host's local devices), optionally 2x2-pool the patch
+   tokens, store them (bf16 or f32) in DIR/prepared/<clip_id>/, atomically. A clip that
+   fails (unreadable video, bad tracks, ...) is recorded in DIR/prepared/_failed/ and
+   the others go on; a rerun skips finished clips and retries failed ones.
+2. On host 0, after all hosts: split the clips into train/validation by clip id
+   (deterministic hash order), cut clips longer than --max_seconds into equal parts,
+   compute the normalisation statistics over the train split, write the TFDS dataset
+   (ArrayRecord, one record per frame; see sabr_jax.data.tfds_builder) to
+   DIR/sabr_clips/1.0.0/, and the report DIR/report.json (also printed) listing what was
+   built, resumed and skipped, and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sabr_jax.data import prepared as prep
+from sabr_jax.data import tracks as tr
+from sabr_jax.data import video as vid
+from sabr_jax.motion import NormStats
+
+PREPARED = "prepared"
+REPORT = "report.json"
+NORM_STATS = "norm_stats.json"
+PATCH = 14
+RANDOM_ENCODERS = ("random-s", "random-b", "random-l", "random-g", "random-tiny")
+
+
+class ClipError(ValueError):
+    """A clip that cannot be prepared; the message says which file and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    encoder: str  # a checkpoint path or one of RANDOM_ENCODERS
+    precision: str = "bfloat16"  # token storage: 'bfloat16' or 'float32'
+    pool: int = 1  # 1: all 20x35 patches; 2: 2x2 average pooling (ceil mode, 10x18)
+    fps: int = vid.OUTPUT_FPS
+    frame_size: tuple[int, int] = vid.FRAME_SIZE  # landscape (H, W) of the decoded frames
+    encoder_size: tuple[int, int] = (280, 490)  # landscape (H, W) of the encoder input
+    frame_tolerance: int = 0  # accepted |track frames - video frames|
+    max_seconds: float = 45.0  # longer clips are cut into equal parts no longer than this
+    min_frames: int = 12  # clips with fewer kept frames are skipped
+    validation_fraction: float = 0.1
+    split_seed: int = 0
+    batch_size: int = 16  # frames per encoder call (rounded up to a multiple of the local devices)
+    encoder_dtype: str = "auto"  # 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16'
+    seed: int = 0  # for random encoders
+
+    def __post_init__(self):
+        prep.dtype_of(self.precision)
+        if self.pool < 1:
+            raise ValueError(f"pool must be >= 1, got {self.pool}")
+        for h in self.encoder_size:
+            if h % PATCH:
+                raise ValueError(f"encoder_size must be multiples of {PATCH}, got {self.encoder_size}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+    def clip_fingerprint(self) -> dict:
+        """What a prepared clip depends on: a change re-encodes it."""
+        encoder = self.encoder if self.encoder in RANDOM_ENCODERS else os.path.abspath(self.encoder)
+        return {
+            "encoder": encoder, "seed": self.seed if self.encoder in RANDOM_ENCODERS else None,
+            "precision": self.precision, "pool": self.pool, "fps": self.fps,
+            "frame_size": list(self.frame_size), "encoder_size": list(self.encoder_size),
+            "frame_tolerance": self.frame_tolerance,
+        }
+
+
+# ---------------------------------------------------------------- the encoder
+def make_encoder(settings: Settings):
+    """The frozen DINOv2 the settings name: a checkpoint path or a seeded random one."""
+    import jax
+    import jax.numpy as jnp
+
+    from sabr_jax.encoders import dinov2
+
+    dtype_name = settings.encoder_dtype
+    if dtype_name == "auto":
+        dtype_name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = jnp.dtype(dtype_name)
+    if settings.encoder in RANDOM_ENCODERS:
+        size = settings.encoder.split("-", 1)[1]
+        if size == "tiny":  # tests and the CPU demo: Dv = 32 like configs/demo.py
+            size = dinov2.Dinov2Config(width=32, depth=2, num_heads=2)
+        return dinov2.random_encoder(size, seed=settings.seed, dtype=dtype)
+    return dinov2.load(settings.encoder, dtype=dtype)
+
+
+class FrameEncoder:
+    """uint8 frames -> (pooled) patch tokens, in fixed-size batches split over local devices.
+
+    Batches are padded to one shape (one compilation). Dispatch is asynchronous: the
+    previous batch is fetched from the device only after the next one is launched, so
+    decoding overlaps encoding.
+    """
+
+    def __init__(self, encoder, settings: Settings):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.encoder, self.settings = encoder, settings
+        devices = jax.local_devices()
+        self.batch = -(-settings.batch_size // len(devices)) * len(devices)
+        self.video_dim = encoder.config.width
+        if len(devices) > 1:
+            mesh = Mesh(np.array(devices), ("data",))
+            self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+            encoder.state = jax.device_put(encoder.state, NamedSharding(mesh, PartitionSpec()))
+        else:
+            self.sharding = devices[0]
+        self.calls = 0
+
+    def grid(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        h, w = vid.oriented(self.settings.encoder_size, *frame_hw)
+        return h // PATCH, w // PATCH
+
+    def pooled_grid(self, frame_hw) -> tuple[int, int]:
+        gh, gw = self.grid(frame_hw)
+        p = self.settings.pool
+        return -(-gh // p), -(-gw // p)
+
+    def _launch(self, frames: np.ndarray):
+        import jax
+
+        from sabr_jax.encoders import dinov2
+
+        n = len(frames)
+        if n < self.batch:
+            frames = np.concatenate([frames, np.zeros((self.batch - n, *frames.shape[1:]), np.uint8)])
+        size = vid.oriented(self.settings.encoder_size, *frames.shape[1:3])
+        pixels = dinov2.preprocess(jax.device_put(frames, self.sharding), size=size)
+        self.calls += 1
+        return self.encoder(pixels)["patch_tokens"], n, frames.shape[1:3]
+
+    def _fetch(self, launched) -> np.ndarray:
+        tokens, n, hw = launched
+        tokens = np.asarray(tokens[:n], dtype=np.float32)
+        return vid.pool_tokens(tokens, self.grid(hw), self.settings.pool)[0]
+
+    def stream(self, frames, sink: Callable[[np.ndarray], None]) -> None:
+        """Encode an iterable of uint8 [h, w, 3] frames; `sink` gets token batches in order."""
+        pending, batch = None, []
+        for frame in frames:
+            batch.append(frame)
+            if len(batch) == self.batch:
+                launched = self._launch(np.stack(batch))
+                batch = []
+                if pending is not None:
+                    sink(self._fetch(pending))
+                pending = launched
+        if batch:
+            launched = self._launch(np.stack(batch))
+            if pending is not None:
+                sink(self._fetch(pending))
+            pending = launched
+        if pending is not None:
+            sink(self._fetch(pending))
+
+
+# ---------------------------------------------------------------- stage 1: one clip
+def list_clips(clips_dir: str | os.PathLike) -> list[str]:
+    clips_dir = Path(clips_dir)
+    if not clips_dir.is_dir():
+        raise FileNotFoundError(f"{clips_dir}: no such folder of clips")
+    return sorted(p.name for p in clips_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_clip_id(clip_id: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", clip_id):
+        raise ClipError(f"clip folder name {clip_id!r} is not a valid clip id (letters, digits, '_', '-', '.'; not starting with '_' or '.')")
+
+
+def prepare_clip(clip_dir: Path, prepared_dir: Path, settings: Settings, encoder: FrameEncoder) -> dict:
+    """Stage 1 for one clip: writes prepared_dir/<clip_id>/ and returns its meta."""
+    clip_id = clip_dir.name
+    _check_clip_id(clip_id)
+    video_path, tracks_path = clip_dir / "video.mp4", clip_dir / "tracks.pkl"
+    for path in (video_path, tracks_path):
+        if not path.is_file():
+            raise ClipError(f"{path}: missing")
+    warnings = []
+    info = vid.probe(video_path)
+    tracks = tr.load_tracks(tracks_path)
+    tid, names, present, vectors = tr.climber_motion(tracks, str(tracks_path), image_hw=(info["height"], info["width"]))
+    declared = info["declared_frames"]
+    if declared and abs(declared - len(names)) > settings.frame_tolerance:
+        raise ClipError(_count_message(tracks_path, video_path, len(names), declared, settings.frame_tolerance, "declares"))
+    holds = None
+    if (clip_dir / "holds.json").exists():
+        try:
+            holds = json.loads((clip_dir / "holds.json").read_text())
+        except (OSError, ValueError) as e:
+            warnings.append(f"{clip_dir / 'holds.json'}: ignored, not valid JSON ({e})")
+
+    dtype = prep.dtype_of(settings.precision)
+    writer = prep.ClipWriter(prepared_dir, clip_id, dtype)
+    try:
+        kept_sources: list[int] = []
+        stats: dict = {}
+
+        def frames():
+            keep = lambda i: i < len(names) and bool(present[i])  # noqa: E731
+            for _, i, pixels in vid.resampled_frames(video_path, keep, settings.frame_size, settings.fps, stats):
+                kept_sources.append(i)
+                yield pixels
+
+        encoder.stream(frames(), lambda t: writer.append("video.bin", t))
+        if abs(stats["source_frames"] - len(names)) > settings.frame_tolerance:
+            raise ClipError(_count_message(tracks_path, video_path, len(names), stats["source_frames"], settings.frame_tolerance, "decodes to"))
+        if len(kept_sources) < settings.min_frames:
+            raise ClipError(
+                f"{clip_dir}: only {len(kept_sources)} frames at {settings.fps} FPS show the climber (track {tid}); "
+                f"at least --min_frames={settings.min_frames} are needed"
+            )
+        context_names, context = vid.read_context(clip_dir / "context", settings.frame_size)
+        if len(context):
+            encoder.stream(iter(context), lambda t: writer.append("context.bin", t))
+        frame_hw = (stats["height"], stats["width"])
+        grid = encoder.pooled_grid(frame_hw)
+        meta = {
+            "clip_id": clip_id,
+            "num_frames": len(kept_sources),
+            "num_context": len(context_names),
+            "num_patches": grid[0] * grid[1],
+            "video_dim": encoder.video_dim,
+            "dtype": settings.precision,
+            "grid": list(grid),
+            "track_id": tid,
+            "source": {
+                "frames": stats["source_frames"], "fps": stats["source_fps"], "width": stats["width"],
+                "height": stats["height"], "track_frames": len(names), "detected_frames": int(present.sum()),
+            },
+            "output_frames": stats["output_frames"],
+            "source_frame_of": kept_sources,  # source index of every kept output frame
+            "context_files": context_names,
+            "holds": holds,
+            "warnings": warnings,
+            "settings": settings.clip_fingerprint(),
+            "created": time.time(),
+        }
+        writer.commit(vectors[kept_sources], meta)
+        return meta
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _count_message(tracks_path, video_path, track_frames, video_frames, tolerance, verb) -> str:
+    if track_frames > video_frames:
+        what = f"tracks for {track_frames - video_frames} frames the video lacks"
+    else:
+        what = f"{video_frames - track_frames} video frames have no track entry"
+    return (
+        f"{tracks_path} lists {track_frames} frames but {video_path} {verb} {video_frames} frames: {what} "
+        f"(tolerance --frame_tolerance={tolerance}); the i-th sorted frame name must be the i-th video frame"
+    )
+
+
+def _is_finished(prepared_dir: Path, clip_id: str, settings: Settings) -> bool:
+    meta_path = prepared_dir / clip_id / prep.META
+    if not meta_path.is_file():
+        return False
+    try:
+        return json.loads(meta_path.read_text()).get("settings") == settings.clip_fingerprint()
+    except (OSError, ValueError):
+        return False
+
+
+def encode_clips(
+    clips_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    settings: Settings,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    encoder: FrameEncoder | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Stage 1 for this host's clips (clips[process_index::process_count], in name order).
+
+    Returns {"prepared": [...], "resumed": [...], "failed": {clip_id: reason}} for this host.
+    """
+    clips_dir, data_dir = Path(clips_dir), Path(data_dir)
+    prepared_dir = data_dir / PREPARED
+    failed_dir = prepared_dir / prep.FAILED_DIR
+    failed_dir.mkdir(parents=True, exist_ok=True)
+    mine = list_clips(clips_dir)[process_index::process_count]
+    result = {"prepared": [], "resumed": [], "failed": {}}
+    for n, clip_id in enumerate(mine):
+        failure = failed_dir / f"{clip_id}.json"
+        if _is_finished(prepared_dir, clip_id, settings):
+            result["resumed"].append(clip_id)
+            failure.unlink(missing_ok=True)
+            continue
+        if encoder is None:
+            log(f"loading encoder {settings.encoder} ...")
+            encoder = FrameEncoder(make_encoder(settings), settings)
+        start = time.time()
+        try:
+            meta = prepare_clip(clips_dir / clip_id, prepared_dir, settings, encoder)
+        except (ClipError, tr.TrackError, vid.VideoError) as e:
+            reason = str(e)
+        except Exception as e:  # an unexpected failure still must not stop the other clips
+            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+        else:
+            failure.unlink(missing_ok=True)
+            result["prepared"].append(clip_id)
+            log(f"[{n + 1}/{len(mine)}] {clip_id}: {meta['num_frames']} frames, {meta['num_context']} route images ({time.time() - start:.1f} s)")
+            continue
+        result["failed"][clip_id] = reason
+        prep.atomic_write_json(failure, {"clip_id": clip_id, "reason": reason, "time": time.time()})
+        log(f"[{n + 1}/{len(mine)}] {clip_id}: SKIPPED: {reason}")
+    return result
+
+
+# ---------------------------------------------------------------- stage 2: the dataset
+def split_clips(clip_ids: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, validation) by clip id: sorted by a seeded hash, the first round(fraction * N)
+    (at least 1 when fraction > 0 and N >= 2; never all) are validation. Adding clips moves
+    few others."""
+    order = sorted(clip_ids, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
+    n = len(order)
+    n_val = round(fraction * n)
+    if fraction > 0 and n >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, n - 1) if n else 0
+    val = set(order[:n_val])
+    return [c for c in sorted(clip_ids) if c not in val], [c for c in sorted(clip_ids) if c in val]
+
+
+def cut(num_frames: int, max_frames: int) -> list[tuple[int, int]]:
+    """Equal parts of at most max_frames covering 0..num_frames."""
+    parts = max(1, math.ceil(num_frames / max_frames))
+    bounds = np.linspace(0, num_frames, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def dataset_dir(data_dir: str | os.PathLike) -> Path:
+    from sabr_jax.data import tfds_builder
+
+    return Path(data_dir) / tfds_builder.NAME / tfds_builder.VERSION
+
+
+def build_dataset(data_dir: str | os.PathLike, settings: Settings, clip_ids: Sequence[str], log=print) -> dict:
+    """Stage 2: the TFDS dataset from the finished prepared clips among clip_ids."""
+    from sabr_jax.data import tfds_builder
+
+    data_dir = Path(data_dir)
+    prepared_dir = data_dir / PREPARED
+    clips = {c: prep.PreparedClip(prepared_dir / c) for c in clip_ids}
+    if not clips:
+        raise ClipError("no clip could be prepared: nothing to build (see the report)")
+    shapes = {(c.num_patches, c.video_dim, c.meta["dtype"]) for c in clips.values()}
+    if len(shapes) != 1:
+        raise ClipError(f"prepared clips disagree on (patches, width, dtype): {sorted(shapes)}")
+    (num_patches, video_dim, precision), = shapes
+    train_ids, val_ids = split_clips(sorted(clips), settings.validation_fraction, settings.split_seed)
+    max_frames = max(1, int(settings.max_seconds * settings.fps))
+
+    def parts(ids):
+        out = []
+        for c in ids:
+            pieces = cut(clips[c].num_frames, max_frames)
+            for k, (a, b) in enumerate(pieces):
+                out.append(tfds_builder.ClipPart(str(clips[c].path), c if len(pieces) == 1 else f"{c}#{k}", c, k, a, b))
+        return out
+
+    splits = {"train": parts(train_ids), "validation": parts(val_ids)}
+    stats = NormStats.from_data(np.concatenate([clips[c].motion() for c in train_ids]))
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [settings.clip_fingerprint(), settings.validation_fraction, settings.split_seed, max_frames,
+             [(c, clips[c].meta.get("created")) for c in sorted(clips)]],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    out = dataset_dir(data_dir).absolute()
+    index_path = out / tfds_builder.INDEX_FILE
+    summary = {
+        name: {"clips": len(p), "source_clips": len({x.source_clip for x in p}), "frames": sum(x.stop - x.start for x in p)}
+        for name, p in splits.items()
+    }
+    if index_path.is_file() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
+        log(f"dataset {out} is up to date")
+        return {"path": str(out), "rebuilt": False, "splits": summary}
+    if out.exists():
+        shutil.rmtree(out)
+    builder = tfds_builder.SabrClips(
+        data_dir=os.fspath(data_dir),
+        splits=splits,
+        num_patches=num_patches,
+        video_dim=video_dim,
+        precision=precision,
+        index_extra={
+            "fingerprint": fingerprint,
+            "norm_stats": stats.to_dict(),
+            "pool": settings.pool,
+            "fps": settings.fps,
+            "max_seconds": settings.max_seconds,
+            "encoder": settings.clip_fingerprint()["encoder"],
+        },
+    )
+    builder.download_and_prepare()
+    prep.atomic_write_json(data_dir / NORM_STATS, stats.to_dict())
+    log(f"wrote {out}: " + ", ".join(f"{k} {v['clips']} clips / {v['frames']} frames" for k, v in summary.items()))
+    return {"path": str(out), "rebuilt": True, "splits": summary}
+
+
+def make_report(clips_dir, data_dir, settings: Settings, host_results: Sequence[dict], dataset: dict | None) -> dict:
+    """The report over all clips (reads the failure records every host wrote)."""
+    data_dir = Path(data_dir)
+    prepared_dir = data_dir / PREPARED
+    skipped, built, warnings = [], [], []
+    for clip_id in list_clips(clips_dir):
+        failure = prepared_dir / prep.FAILED_DIR / f"{clip_id}.json"
+        if _is_finished(prepared_dir, clip_id, settings):
+            built.append(clip_id)
+            meta = prep.PreparedClip(prepared_dir / clip_id).meta
+            warnings += [f"{clip_id}: {w}" for w in meta.get("warnings", [])]
+        elif failure.is_file():
+            skipped.append({"clip_id": clip_id, "reason": json.loads(failure.read_text())["reason"]})
+        else:
+            skipped.append({"clip_id": clip_id, "reason": "not prepared (a host did not finish it)"})
+    return {
+        "clips_dir": os.path.abspath(clips_dir),
+        "settings": dataclasses.asdict(settings),
+        "built": built,
+        "prepared_now": sorted(c for r in host_results for c in r["prepared"]),
+        "resumed": sorted(c for r in host_results for c in r["resumed"]),
+        "skipped": skipped,
+        "warnings": warnings,
+        "dataset": dataset,
+    }
+
+
+def prepare(
+    clips_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    settings: Settings,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict | None:
+    """Both stages on this host; returns the report on host 0 (None elsewhere)."""
+    result = encode_clips(clips_dir, data_dir, settings, process_index=process_index, process_count=process_count, log=log)
+    if barrier is not None:
+        barrier()
+    if process_index != 0:
+        return None
+    built = [c for c in list_clips(clips_dir) if _is_finished(Path(data_dir) / PREPARED, c, settings)]
+    dataset, error = None, None
+    try:
+        dataset = build_dataset(data_dir, settings, built, log=log) if built else None
+    except ClipError as e:
+        error = str(e)
+    report = make_report(clips_dir, data_dir, settings, [result], dataset)
+    if error or not built:
+        report["error"] = error or "no clip could be prepared: nothing to build"
+    prep.atomic_write_json(Path(data_dir) / REPORT, report)
+    _print_report(report, Path(data_dir) / REPORT, log)
+    return report
+
+
+def _print_report(report: dict, path: Path, log) -> None:
+    log(f"\n== sabr-prepare report ({path}) ==")
+    log(f"clips built: {len(report['built'])} (prepared now {len(report['prepared_now'])}, resumed {len(report['resumed'])})")
+    if report["dataset"]:
+        for name, s in report["dataset"]["splits"].items():
+            log(f"  {name}: {s['clips']} clips from {s['source_clips']} source clips, {s['frames']} frames")
+    if report["skipped"]:
+        log(f"skipped: {len(report['skipped'])}")
+        for s in report["skipped"]:
+            log(f"  {s['clip_id']}: {s['reason'].splitlines()[0]}")
+    for w in report["warnings"]:
+        log(f"warning: {w}")
+    if report.get("error"):
+        log(f"ERROR: {report['error']}")
+
+
+# ---------------------------------------------------------------- command line
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
+    if not m:
+        raise ValueError(f"expected HxW, e.g. 368x640, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="sabr-prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("clips", help="folder of clips: CLIPS/<clip_id>/{video.mp4, context/*.png, tracks.pkl, holds.json}")
+    p.add_argument("--data_dir", required=True, help="output folder (prepared clips, TFDS dataset, report.json, norm_stats.json)")
+    p.add_argument(
+        "--encoder", default=None,
+        help="DINOv2-with-registers weights: a HuggingFace folder, a .safetensors file or a torch-hub .pth "
+        f"(e.g. facebook/dinov2-with-registers-large). Required; one of {', '.join(RANDOM_ENCODERS)} "
+        "uses seeded random weights instead (tests and demos only: the tokens mean nothing).",
+    )
+    p.add_argument("--precision", choices=sorted(prep.DTYPES), default="bfloat16", help="token storage precision (default bfloat16)")
+    p.add_argument("--pool", type=int, choices=(1, 2), default=1,
+                   help="2: average-pool patch tokens 2x2 (20x35 -> 10x18 = 180 per frame; the last, odd column is "
+                   "averaged alone). Default 1: all 700")
+    p.add_argument("--max_seconds", type=float, default=45.0, help="clips longer than this are cut into equal parts (default 45)")
+    p.add_argument("--min_frames", type=int, default=12, help="skip clips with fewer frames showing the climber (default 12)")
+    p.add_argument("--validation_fraction", type=float, default=0.1, help="fraction of clips (by clip id) for validation (default 0.1)")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation assignment (default 0)")
+    p.add_argument("--frame_tolerance", type=int, default=0,
+                   help="accepted difference between the number of frames in tracks.pkl and in the video (default 0)")
+    p.add_argument("--batch_size", type=int, default=16, help="frames per encoder call on each host (default 16)")
+    p.add_argument("--encoder_dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="encoder compute dtype (default auto: bfloat16 on accelerators, float32 on CPU)")
+    p.add_argument("--fps", type=int, default=vid.OUTPUT_FPS, help="output frame rate (default 24, the paper's)")
+    p.add_argument("--frame_size", type=_size, default=vid.FRAME_SIZE, help="decoded frame HxW, landscape (default 368x640)")
+    p.add_argument("--encoder_size", type=_size, default=(280, 490), help="encoder input HxW, multiples of 14 (default 280x490)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random encoder (default 0)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (auto-detected on TPU pods and SLURM) and split clips between hosts")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.encoder is None:
+        print(
+            "sabr-prepare: --encoder is required: the path of DINOv2-with-registers weights (a HuggingFace folder such as a "
+            "download of facebook/dinov2-with-registers-large, a .safetensors file or a torch-hub "
+            "dinov2_vitl14_reg4_pretrain.pth). For a test or demo without weights, pass --encoder random-s "
+            "(or random-tiny) explicitly: random weights give meaningless tokens.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.encoder not in RANDOM_ENCODERS and not os.path.exists(args.encoder):
+        print(f"sabr-prepare: --encoder {args.encoder}: no such file or folder", file=sys.stderr)
+        return 2
+    settings = Settings(
+        encoder=args.encoder, precision=args.precision, pool=args.pool, fps=args.fps, frame_size=args.frame_size,
+        encoder_size=args.encoder_size, frame_tolerance=args.frame_tolerance, max_seconds=args.max_seconds,
+        min_frames=args.min_frames, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
+        batch_size=args.batch_size, encoder_dtype=args.encoder_dtype, seed=args.seed,
+    )
+    import jax
+
+    barrier = None
+    if args.distributed:
+        jax.distributed.initialize()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        barrier = lambda: multihost_utils.sync_global_devices("sabr-prepare: clips encoded")  # noqa: E731
+    report = prepare(
+        args.clips, args.data_dir, settings, process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier
+    )
+    if report is not None and report.get("error"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""synth -> sabr-prepare -> TFDS (ArrayRecord) -> Grain, with bad clips beside good ones."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import joblib
+import numpy as np
+import pytest
+
+from sabr_jax.data import pipeline
+from sabr_jax.data import prepare as P
+from sabr_jax.data import synth
+from sabr_jax.data import tfds_source
+from sabr_jax.data.prepared import PreparedClip
+
+# tiny frames and encoder input (2x4 = 8 patches), random-tiny encoder (Dv = 32): the demo's shapes
+SIZE_ARGS = ["--frame_size", "64x112", "--encoder_size", "28x56", "--encoder", "random-tiny"]
+GOOD = ["good0", "good1", "good2", "good3", "good4"]
+BAD = {
+    "bad_truncated": "cannot open video",
+    "bad_missing_field": "missing field 'smpl.betas'",
+    "bad_nan_pose": "field 'smpl.body_pose' has non-finite values",
+    "bad_frame_count": "tracks for 10 frames the video lacks",
+    "bad_exploit": "unsafe or invalid pickle: refusing to load posix.system",
+}
+
+
+class Exploit:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def make_clips(root):
+    """Good clips (one at 24 FPS, the others 30 FPS) and one bad clip per failure kind."""
+    truth = {}
+    for i, name in enumerate(GOOD):
+        fps = 24 if i == 0 else 30
+        truth[name] = synth.make_clip(root / name, seed=i, seconds=2.0, fps=fps, height=64, width=112, context=2)
+
+    def bad(name, seed=50):
+        info = synth.make_clip(root / name, seed=seed, seconds=1.0, fps=24, height=64, width=112)
+        return info["tracks"]
+
+    data = (root / "bad_truncated" / "video.mp4", bad("bad_truncated"))[0]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+
+    def climber(tracks, index):
+        name = sorted(tracks)[index]
+        frame = tracks[name]
+        if synth.CLIMBER not in frame["tracked_ids"]:
+            name = sorted(tracks)[index + 4]
+            frame = tracks[name]
+        return frame, frame["tid"].index(synth.CLIMBER)
+
+    t = copy.deepcopy(bad("bad_missing_field"))
+    frame, pos = climber(t, 5)
+    del frame["smpl"][pos]["betas"]
+    joblib.dump(t, root / "bad_missing_field" / "tracks.pkl", compress=3)
+
+    t = copy.deepcopy(bad("bad_nan_pose"))
+    frame, pos = climber(t, 7)
+    frame["smpl"][pos]["body_pose"] = np.full((23, 3, 3), np.nan, np.float32)
+    joblib.dump(t, root / "bad_nan_pose" / "tracks.pkl", compress=3)
+
+    t = bad("bad_frame_count")
+    last = t[sorted(t)[-1]]
+    for k in range(10):  # tracks for 10 frames after the video's end
+        t[f"{len(t) + 1:06d}.jpg"] = copy.deepcopy(last)
+    joblib.dump(t, root / "bad_frame_count" / "tracks.pkl", compress=3)
+
+    bad("bad_exploit")
+    joblib.dump({"000001.jpg": {"tid": [Exploit(root / "PWNED")]}}, root / "bad_exploit" / "tracks.pkl", compress=3)
+    return truth
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    clips, data = root / "clips", root / "data"
+    truth = make_clips(clips)
+    rc = P.main([str(clips), "--data_dir", str(data), *SIZE_ARGS, "--validation_fraction", "0.2"])
+    report = json.loads((data / P.REPORT).read_text())
+    return {"root": root, "clips": clips, "data": data, "truth": truth, "rc": rc, "report": report}
+
+
+def test_report_lists_good_and_skipped(built):
+    report = built["report"]
+    assert built["rc"] == 0
+    assert report["built"] == GOOD
+    assert sorted(report["prepared_now"]) == GOOD
+    skipped = {s["clip_id"]: s["reason"] for s in report["skipped"]}
+    assert sorted(skipped) == sorted(BAD)
+    for clip_id, message in BAD.items():
+        assert message in skipped[clip_id], (clip_id, skipped[clip_id])
+        assert clip_id in skipped[clip_id]  # the message names the clip's file
+    assert "frame '" in skipped["bad_nan_pose"] and "track 7" in skipped["bad_nan_pose"]
+    assert not (built["clips"] / "PWNED").exists()
+    assert report["dataset"]["splits"]["train"]["clips"] == 4
+    assert report["dataset"]["splits"]["validation"]["clips"] == 1
+
+
+def _expected(truth):
+    """Kept source frames and motion for a clip, computed independently of the library."""
+    tracks, present, fps = truth["tracks"], truth["present"], truth["fps"]
+    n = len(present)
+    height, width = truth["size"]
+    out = []
+    k = 0
+    while k * fps <= (n - 1) * 24:  # output k at k/24 s, source j at j/fps s
+        exact = k * fps / 24
+        j = int(np.floor(exact)) if exact - np.floor(exact) <= 0.5 else int(np.ceil(exact))
+        out.append(min(j, n - 1))
+        k += 1
+    kept = [j for j in out if present[j]]
+    names = sorted(tracks)
+    vectors = []
+    for j in kept:
+        frame = tracks[names[j]]
+        p = frame["tid"].index(synth.CLIMBER)
+        rot = np.concatenate([frame["smpl"][p]["global_orient"], frame["smpl"][p]["body_pose"]])
+        vectors.append(
+            np.concatenate(
+                [
+                    frame["bbox"][p] / np.array([width, height, width, height]),
+                    frame["camera_bbox"][p],
+                    np.concatenate([rot[:, :, 0], rot[:, :, 1]], axis=1).reshape(-1),
+                    frame["smpl"][p]["betas"],
+                ]
+            )
+        )
+    return kept, np.asarray(vectors, np.float32)
+
+
+def _all_clips(data):
+    out = {}
+    for split in ("train", "validation"):
+        source, _ = tfds_source.open_tfds(data, split)
+        for i in range(len(source)):
+            out[source.clip_id(i)] = (source, i)
+    return out
+
+
+def test_motion_read_back_equals_tracks_written(built):
+    clips = _all_clips(built["data"])
+    assert sorted(clips) == GOOD
+    for clip_id in GOOD:
+        kept, expected = _expected(built["truth"][clip_id])
+        meta = PreparedClip(built["data"] / P.PREPARED / clip_id).meta
+        assert meta["source_frame_of"] == kept, clip_id
+        source, i = clips[clip_id]
+        assert source.num_frames(i) == len(kept) and source.num_context(i) == 2
+        clip = source.read(i, 0, source.num_frames(i))
+        np.testing.assert_allclose(clip["motion"], expected, rtol=1e-6, atol=1e-6)
+        assert clip["video"].shape == (len(kept), 8, 32) and clip["context"].shape == (2, 8, 32)
+        assert str(clip["video"].dtype) == "bfloat16"
+        # the 24-FPS clip keeps every source frame that shows the climber; 30 FPS drops ~1 in 5
+        if built["truth"][clip_id]["fps"] == 24:
+            assert kept == list(np.flatnonzero(built["truth"][clip_id]["present"]))
+        window = source.read(i, 5, 9)
+        np.testing.assert_array_equal(window["motion"], clip["motion"][5:9])
+        np.testing.assert_array_equal(window["video"], clip["video"][5:9])
+        prepared = PreparedClip(built["data"] / P.PREPARED / clip_id)
+        np.testing.assert_array_equal(clip["video"], prepared.video())
+        np.testing.assert_array_equal(clip["context"], prepared.context())
+        assert np.isfinite(clip["video"].astype(np.float32)).all()
+        assert not np.array_equal(clip["video"][0], clip["video"][-1])  # frames differ
+
+
+def test_norm_stats_from_train_split(built):
+    source, stats = tfds_source.open_tfds(built["data"], "train")
+    motion = np.concatenate([source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))])
+    np.testing.assert_allclose(stats.mean, motion.mean(0), rtol=1e-4, atol=1e-5)
+    saved = json.loads((built["data"] / P.NORM_STATS).read_text())
+    np.testing.assert_allclose(saved["mean"], stats.mean, rtol=1e-6)
+    _, val_stats = tfds_source.open_tfds(built["data"], "validation")
+    np.testing.assert_array_equal(val_stats.mean, stats.mean)
+
+
+def _dataset(source, stats, **kw):
+    args = dict(stats=stats, max_frames=48, context_frames=4, batch_size=2, seed=3)
+    args.update(kw)
+    return pipeline.dataset(source, **args)
+
+
+def test_grain_batches_shapes_masks_values(built):
+    source, stats = tfds_source.open_tfds(built["data"], "train")
+    batch = next(iter(_dataset(source, stats)))
+    assert batch["motion"].shape == (2, 48, 161) and batch["video"].shape == (2, 48, 8, 32)
+    assert batch["context_mask"].sum(1).tolist() == [2, 2]
+    used = batch["frame_mask"].sum(1)
+    positions = np.arange(48)
+    for r in range(2):
+        np.testing.assert_array_equal(batch["frame_mask"][r], positions < used[r])  # a prefix, then padding
+        assert not batch["motion"][r, used[r]:].any() and not batch["video"][r, used[r]:].astype(np.float32).any()
+    assert (used >= 2 + 40).all()  # each clip has >= 40 frames: the window is as long as fits
+    # the motion of a batch row is a window of some clip, normalised
+    clips = [source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))]
+    n = used[0] - 2
+    row = stats.denormalize(batch["motion"][0, 2 : 2 + n])
+    assert any(np.allclose(row, m[s : s + n], atol=1e-5) for m in clips for s in range(len(m) - n + 1))
+    assert not batch["motion"][0, :2].any()  # context positions carry no motion
+
+
+def test_same_seed_same_batches_and_state_restore(built):
+    source, stats = tfds_source.open_tfds(built["data"], "train")
+    a, b = iter(_dataset(source, stats)), iter(_dataset(source, stats))
+    for _ in range(3):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    state = a.get_state()
+    expected = [next(a) for _ in range(4)]  # crosses the epoch boundary (4 clips, batch 2)
+    c = iter(_dataset(source, stats))
+    c.set_state(state)
+    for e in expected:
+        got = next(c)
+        for k in e:
+            np.testing.assert_array_equal(e[k], got[k])
+
+
+def _which_clip(batch, row, clips, stats):
+    """The clip whose motion window fills row `row` of a batch (context first, then motion)."""
+    used = int(batch["frame_mask"][row].sum())
+    first = int(batch["context_mask"][row].sum())
+    window = stats.denormalize(batch["motion"][row, first:used])
+    found = [
+        i for i, m in enumerate(clips)
+        if any(np.allclose(window, m[s : s + len(window)], atol=1e-5) for s in range(len(m) - len(window) + 1))
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_two_hosts_see_disjoint_halves(built):
+    source, stats = tfds_source.open_tfds(built["data"], "train")
+    clips = [source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))]
+    seen = []
+    for host in range(2):
+        it = iter(_dataset(source, stats, batch_size=1, shard_index=host, shard_count=2))
+        seen.append({_which_clip(next(it), 0, clips, stats) for _ in range(2)})  # one epoch: 4 clips / 2 hosts
+    assert len(seen[0]) == len(seen[1]) == 2
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == set(range(4))
+
+
+def test_grain_workers_match_in_process(built):
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
+    source, stats = tfds_source.open_tfds(built["data"], "train")
+    a = iter(_dataset(source, stats))
+    b = iter(_dataset(source, stats, num_workers=2))
+    for _ in range(2):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_check_config(built):
+    from configs.demo import get_config
+
+    cfg = get_config()
+    source, _ = tfds_source.open_tfds(built["data"], "train", cfg=cfg)  # demo: P 8, Dv 32
+    cfg.model.video_dim = 384
+    with pytest.raises(tfds_source.DatasetMismatchError, match="model.video_dim=384 but the dataset's tokens are 32 wide"):
+        tfds_source.check(cfg, source)
+    cfg = get_config()
+    cfg.data.num_patches = 700
+    with pytest.raises(tfds_source.DatasetMismatchError, match="data.num_patches=700 but the dataset has 8"):
+        tfds_source.open_tfds(built["data"], "train", cfg=cfg)
+
+
+def test_rerun_skips_finished_clips(built, capsys):
+    data = built["data"]
+    created = {c: PreparedClip(data / P.PREPARED / c).meta["created"] for c in GOOD}
+    rc = P.main([str(built["clips"]), "--data_dir", str(data), *SIZE_ARGS, "--validation_fraction", "0.2"])
+    out = capsys.readouterr().out
+    report = json.loads((data / P.REPORT).read_text())
+    assert rc == 0
+    assert report["resumed"] == GOOD and report["prepared_now"] == []
+    assert "loading encoder" in out  # the bad clips are retried (and fail again)
+    assert sorted(s["clip_id"] for s in report["skipped"]) == sorted(BAD)
+    assert {c: PreparedClip(data / P.PREPARED / c).meta["created"] for c in GOOD} == created
+    assert report["dataset"]["rebuilt"] is False
+
+
+def test_long_clips_are_cut_into_parts(built, tmp_path):
+    shutil.copytree(built["data"] / P.PREPARED, tmp_path / P.PREPARED)
+    settings = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), max_seconds=1.0, validation_fraction=0.0)
+    P.build_dataset(tmp_path, settings, GOOD, log=lambda s: None)
+    source, _ = tfds_source.open_tfds(tmp_path, "train")
+    ids = [source.clip_id(i) for i in range(len(source))]
+    assert "good0#0" in ids and "good0#1" in ids
+    for i in range(len(source)):
+        assert source.num_frames(i) <= 24
+    part = ids.index("good0#1")
+    start = source.clips[part]["source_frames"][0]
+    full = PreparedClip(tmp_path / P.PREPARED / "good0").motion()
+    np.testing.assert_array_equal(source.read(part, 0, 3)["motion"], full[start : start + 3])
+    assert sum(source.num_frames(i) for i in range(len(source)) if ids[i].startswith("good0#")) == len(full)
+
+
+def test_split_is_deterministic_and_by_clip():
+    ids = [f"c{i}" for i in range(20)]
+    train, val = P.split_clips(ids, 0.25, seed=1)
+    assert len(val) == 5 and not set(train) & set(val) and sorted(train + val) == sorted(ids)
+    assert P.split_clips(list(reversed(ids)), 0.25, seed=1) == (train, val)
+    assert P.split_clips(ids, 0.25, seed=2) != (train, val)
+    assert P.split_clips(["a"], 0.5) == (["a"], [])
+    assert P.cut(100, 45) == [(0, 33), (33, 67), (67, 100)]
+
+
+def test_refuses_without_encoder(tmp_path, capsys):
+    assert P.main([str(tmp_path), "--data_dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--encoder is required" in err and "random-s" in err
+
+
+def test_hosts_split_clips(built, tmp_path):
+    settings = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56))
+    done = []
+    for host in range(2):
+        r = P.encode_clips(built["clips"], tmp_path, settings, process_index=host, process_count=2, log=lambda s: None)
+        done.append(set(r["prepared"]) | set(r["failed"]))
+    assert done[0].isdisjoint(done[1])
+    assert done[0] | done[1] == set(GOOD) | set(BAD)
+
+
+def test_encoder_data_parallel_over_local_devices(tmp_path):
+    """Two CPU devices: the batch is split between them and the tokens equal one device's."""
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from sabr_jax.data import prepare as P
+        s = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=3)
+        enc = P.FrameEncoder(P.make_encoder(s), s)
+        assert len(jax.local_devices()) == 2 and enc.batch == 4
+        frames = np.random.default_rng(0).integers(0, 255, (7, 64, 112, 3), dtype=np.uint8)
+        out = []
+        enc.stream(iter(frames), out.append)
+        np.save("%s", np.concatenate(out))
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    subprocess.run([sys.executable, "-c", script % (tmp_path / "two.npy")], check=True, env=env)
+    two = np.load(tmp_path / "two.npy")
+    s = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=4)
+    enc = P.FrameEncoder(P.make_encoder(s), s)
+    frames = np.random.default_rng(0).integers(0, 255, (7, 64, 112, 3), dtype=np.uint8)
+    out = []
+    enc.stream(iter(frames), out.append)
+    np.testing.assert_allclose(two, np.concatenate(out), rtol=1e-5, atol=1e-5)
+
+
+def test_synth_cli_writes_the_user_layout(tmp_path):
+    synth.main(["--out", str(tmp_path), "--clips", "2", "--seconds", "0.5", "--size", "32x48"])
+    for clip in ("clip000", "clip001"):
+        folder = tmp_path / clip
+        assert (folder / "video.mp4").stat().st_size > 0 and (folder / "holds.json").is_file()
+        assert sorted(p.name for p in (folder / "context").iterdir()) == ["000.png", "001.png"]
+        with open(folder / "tracks.pkl", "rb") as f:
+            assert f.read(1) == b"x"  # zlib: joblib.dump(..., compress=3)
+        tracks = P.tr.load_tracks(folder / "tracks.pkl")
+        assert len(tracks) == 15 and {"tid", "tracked_ids", "bbox", "smpl", "camera_bbox", "size"} <= set(tracks["000001.jpg"])

@@ -1,0 +1,222 @@
+"""The training loop end to end: metrics, resume after SIGTERM, SIGKILL during an async save,
+non-finite steps, EMA export.
+
+Killed runs are `sabr-train` subprocesses started through this file
+(`python tests/test_train_loop.py MODE -- FLAGS`), which can slow the steps down (so a
+SIGTERM lands mid-run) or kill itself right after an asynchronous save has started.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--config.batch_size=8", "--config.model.width=32", "--config.model.heads=4", "--config.model.depth=2",
+    "--config.model.video_dim=16", "--config.data.max_frames=16", "--config.data.num_patches=4",
+    "--config.data.num_clips=16", "--config.data.min_clip_frames=8", "--config.data.max_clip_frames=24",
+    "--config.optim.warmup_steps=2", "--config.log_every=1",
+]
+
+
+def flags(workdir, total_steps, checkpoint_every, *extra):
+    return ["--config", os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir),
+            f"--config.total_steps={total_steps}", f"--config.checkpoint_every={checkpoint_every}", *TINY, *extra]
+
+
+def tiny_cfg(total_steps, checkpoint_every, **overrides):
+    """The config the flags above give, for in-process runs."""
+    from sabr_jax.config import demo_config
+
+    cfg = demo_config()
+    for flag in flags("x", total_steps, checkpoint_every)[4:]:
+        key, value = flag[len("--config."):].split("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def child_env(**extra):
+    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+
+
+def start(mode, args, **env):
+    return subprocess.Popen([sys.executable, __file__, mode, "--", *args], cwd=REPO, env=child_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 8-step run, in this process."""
+    from sabr_jax.loop import train
+
+    workdir = tmp_path_factory.mktemp("reference")
+    result = train(tiny_cfg(8, 4), str(workdir))
+    assert result["status"] == "done"
+    return workdir, losses(workdir)
+
+
+def test_uninterrupted_run_writes_metrics_tensorboard_checkpoints(reference):
+    workdir, ref = reference
+    assert sorted(ref) == list(range(1, 9)) and all(np.isfinite(list(ref.values())))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        record = json.loads(f.readline())
+    assert {"step", "loss", "mse", "vlb", "grad_norm", "steps_per_s", "examples_per_s"} <= set(record)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    with open(os.path.join(workdir, "checkpoints", "8", "data_iter", "metadata")) as f:
+        assert json.load(f)["next_batch"] == 8
+
+
+def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, reference):
+    _, ref = reference
+    args = flags(tmp_path, 8, 100)
+    proc = start("slow", args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(tmp_path / "metrics.jsonl") and len(losses(tmp_path)) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted at step" in out, out[-3000:]
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert len(saved) == 1 and 2 <= saved[0] < 8, saved  # checkpoint_every=100: only the preemption save
+    # Rerun the same command: it resumes and finishes; the losses equal the uninterrupted run's.
+    second = subprocess.run([sys.executable, "-m", "sabr_jax.train", *args], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from step {saved[0]}" in second.stderr + second.stdout
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)], rtol=1e-6)
+
+
+def test_sigkill_during_async_save_keeps_the_previous_checkpoint(tmp_path, reference):
+    _, ref = reference
+    args = flags(tmp_path, 8, 2)
+    proc = start("kill_at_save_4", args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    entries = os.listdir(tmp_path / "checkpoints")
+    assert "2" in entries and "4" not in entries, entries  # step 4's save never committed
+    from sabr_jax.loop import train
+
+    result = train(tiny_cfg(8, 2), str(tmp_path))  # resumes from step 2
+    assert result["status"] == "done"
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)], rtol=1e-6)
+    assert not any("tmp" in e for e in os.listdir(tmp_path / "checkpoints"))  # the unfinished save was cleaned up
+
+
+def _poison_batch(monkeypatch, bad_batch):
+    """Make global batch `bad_batch` carry a NaN in its motion."""
+    from sabr_jax import loop
+    from sabr_jax.data import pipeline
+
+    real = pipeline.dataset
+
+    def dataset(*args, start_batch=0, **kwargs):
+        def gen():
+            for index, batch in enumerate(real(*args, start_batch=start_batch, **kwargs), start_batch):
+                if index == bad_batch:
+                    batch = dict(batch, motion=batch["motion"].copy())
+                    batch["motion"][0, 6, 0] = np.nan
+                yield batch
+
+        return gen()
+
+    monkeypatch.setattr(loop.pipeline, "dataset", dataset)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch, capsys, mode):
+    from sabr_jax import checkpoint
+    from sabr_jax.loop import train
+    from sabr_jax.trainer import Trainer
+    from sabr_jax import sharding
+
+    _poison_batch(monkeypatch, bad_batch=2)  # the third step
+    cfg = tiny_cfg(5, 2, on_nonfinite=mode)
+    result = train(cfg, str(tmp_path))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "step 3: non-finite loss" in text, text[-2000:]
+    mngr = checkpoint.manager(str(tmp_path), 3)
+    trainer = Trainer(cfg, sharding.make_mesh(cfg.mesh))
+    if mode == "stop":
+        assert result["status"] == "nonfinite"
+        assert mngr.all_steps() == [2]  # nothing after the bad step was saved
+    else:
+        assert result["status"] == "done" and result["step"] == 5
+        assert mngr.all_steps() == [2, 4, 5]
+        records = {r["step"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
+        assert records[3]["skipped"] == 1 and records[4]["skipped"] == 0
+    state, _, _ = checkpoint.restore(mngr, trainer.abstract_state())
+    mngr.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_export_after_training(tmp_path, reference):
+    from sabr_jax import checkpoint
+
+    workdir, _ = reference
+    export = tmp_path / "export"
+    # The run is complete: the same command with --export restores it and only exports.
+    proc = subprocess.run([sys.executable, "-m", "sabr_jax.train", *flags(workdir, 8, 4), "--export", str(export)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params, meta = checkpoint.load_export(str(export))
+    assert meta["config"]["total_steps"] == 8 and "norm_stats" in meta
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def _child(mode, argv):
+    """Run sabr-train in this process, slowed down or killed as the mode says."""
+    from sabr_jax import checkpoint, metrics_log
+    from sabr_jax.train import run
+
+    if mode == "slow":
+        write = metrics_log.MetricsLog.write
+
+        def slow_write(self, step, record):
+            write(self, step, record)
+            time.sleep(0.5)
+
+        metrics_log.MetricsLog.write = slow_write
+    elif mode.startswith("kill_at_save_"):
+        at = int(mode.rsplit("_", 1)[1])
+        save = checkpoint.save
+
+        def save_then_die(mngr, step, *args, **kwargs):
+            save(mngr, step, *args, **kwargs)
+            if step == at:  # the asynchronous save has started, not finished
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.save = save_then_die
+    sys.argv = ["sabr-train", *argv]
+    run()
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[3:])
