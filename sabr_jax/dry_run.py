@@ -27,7 +27,8 @@ from sabr_jax.trainer import Trainer
 GIB = 2**30
 
 # HBM per chip, by TPU generation (public figures), for the "fits" verdict.
-HBM_GIB = {"v4": 32, "v5e": 16, "v5 lite": 16, "v5p": 95, "v5": 95, "v6e": 32, "v6 lite": 32}
+HBM_GIB = {"v4": 16,  # v4 topologies list each TensorCore (16 GiB) as a device
+            "v5e": 16, "v5 lite": 16, "v5p": 95, "v5": 95, "v6e": 32, "v6 lite": 32}
 
 
 def abstract_batch(cfg, batch_sharding) -> dict:
@@ -132,7 +133,14 @@ def hbm_gib(device) -> float | None:
 
 def report(cfg, topology: str | None = None) -> dict:
     devices = topology_devices(topology) if topology else None
-    trainer, compiled, flops, text = compile_step(cfg, devices)
+    try:
+        trainer, compiled, flops, text = compile_step(cfg, devices)
+    except Exception as e:  # XLA refuses a step whose buffers exceed the device memory
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"target: {topology or jax.devices()[0].platform}, mesh {dict(cfg.mesh)}")
+        print(f"fits: NO (the compiler says: {str(e).splitlines()[0][:300]})")
+        return {"fits": False, "error": str(e)}
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state()["params"]))
     mem = compiled.memory_analysis()
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes

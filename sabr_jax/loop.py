@@ -112,12 +112,12 @@ def train(cfg, workdir: str) -> dict:
         next_batch = checkpoint.data_start_batch(data_position, cfg)
     meta = checkpoint.meta(cfg, stats)
     step = int(state["step"])
+    say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
     data_iter = iter(pipeline.dataset(
         source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
         batch_size=local_batch, seed=cfg.seed, shard_index=start_row // local_batch,
         shard_count=cfg.batch_size // local_batch, num_workers=cfg.data.num_workers, start_batch=next_batch,
     ))
-    say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
     say(f"{'resuming from step ' + str(step) if restored else 'starting'} in {os.path.abspath(workdir)} "
         f"on {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}")
 
@@ -136,6 +136,8 @@ def train(cfg, workdir: str) -> dict:
             traced = trainer.jit_train_step.trace(state, batch)
             step_fn = traced.lower().compile()
         flops = jaxpr_flops(traced.jaxpr)  # whole step, all devices
+        say(f"train step: {flops:.4g} FLOPs (matmuls, forward + backward + remat) per global batch of {cfg.batch_size}"
+            + ("" if cfg.peak_flops_per_device > 0 else "; set peak_flops_per_device for MFU"))
 
     def save():
         checkpoint.save(mngr, step, state, checkpoint.data_position(consumed, cfg), meta)

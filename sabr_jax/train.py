@@ -39,6 +39,25 @@ _DISTRIBUTED = flags.DEFINE_enum(
 )
 
 
+_LOCAL_DEVICES = flags.DEFINE_string(
+    "local_device_ids", None,
+    "Devices this process drives, e.g. '0,1,2,3', or 'all' (SLURM_GPUS_ON_NODE of them). Under SLURM, JAX's "
+    "default is one device per process (the task's SLURM_LOCALID): use 'all' with one task per node.",
+)
+
+
+def _local_device_ids() -> list[int] | None:
+    value = _LOCAL_DEVICES.value
+    if value is None:
+        return None
+    if value == "all":
+        count = os.environ.get("SLURM_GPUS_ON_NODE")
+        if count is None:
+            raise app.UsageError("--local_device_ids=all needs SLURM_GPUS_ON_NODE; give the ids instead")
+        return list(range(int(count)))
+    return [int(i) for i in value.split(",")]
+
+
 def _multihost_environment() -> bool:
     slurm = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))) > 1
     tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
@@ -50,9 +69,10 @@ def initialize_distributed() -> None:
     if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or _multihost_environment())):
         return
     if explicit:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   local_device_ids=_local_device_ids())
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=_local_device_ids())
 
 
 def main(argv) -> None:

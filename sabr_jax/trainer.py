@@ -174,7 +174,7 @@ class Trainer:
         `param_names`).
         """
         key = jax.random.fold_in(state["key"], state["step"])
-        rand = self.draw(key, batch)
+        rand = self.draw(jax.random.fold_in(key, 0), batch)  # (the draws of earlier versions, for accum=1)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         accum = self.cfg.grad_accum
         if accum == 1:

@@ -19,6 +19,11 @@ import pytest
 from test_train_loop import REPO, flags, losses, tiny_cfg
 
 TOTAL, FIRST = 6, 3
+# Adam divides by sqrt(v) + eps: with the default eps a gradient of float-noise size (the
+# zero-initialised gates make many exactly ~0 at the start) still moves its parameter by
+# ~lr, so summation-order noise between device layouts (and in gloo's all-reduce) would be
+# amplified to visible loss differences. A larger eps keeps noise-sized gradients noise-sized.
+EPS = "--config.optim.eps=1e-4"
 
 
 def free_port() -> int:
@@ -48,7 +53,7 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
     work, ref_dir = tmp_path / "run", tmp_path / "reference"
     port = free_port()
     # 2 processes x 4 devices, mesh data=2 fsdp=2 tensor=2 across both hosts; stop at step 3.
-    first = flags(work, FIRST, 100, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+    first = flags(work, FIRST, 100, EPS, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
     procs = [
         subprocess.Popen([sys.executable, "-m", "sabr_jax.train", *first, "--coordinator_address", f"localhost:{port}",
                           "--num_processes", "2", "--process_id", str(i)],
@@ -61,13 +66,14 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
     assert "2 process(es), 8 devices" in outs[0]
     assert sorted(os.listdir(work / "checkpoints")) == [str(FIRST)]
     # 1 process x 8 devices, another mesh (fsdp=8), the same workdir: resumes at step 3.
-    second = flags(work, TOTAL, 100, "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1")
+    second = flags(work, TOTAL, 100, EPS, "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1")
     proc = subprocess.run([sys.executable, "-m", "sabr_jax.train", *second], cwd=REPO, env=env(8),
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resuming from step {FIRST}" in proc.stderr + proc.stdout
     # The uninterrupted reference: 1 process, 1 device.
     cfg = tiny_cfg(TOTAL, 100)
+    cfg.optim.eps = 1e-4
     assert train(cfg, str(ref_dir))["status"] == "done"
 
     got, ref = losses(work), losses(ref_dir)
