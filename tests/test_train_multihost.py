@@ -46,7 +46,6 @@ def final_state(workdir, cfg):
     return jax.tree.map(np.asarray, jax.device_get(state)), position
 
 
-@pytest.mark.slow
 def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_path):
     from sabr_jax.loop import train
 
