@@ -17,16 +17,16 @@ import os
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from sabr_jax import checkpoint, motion
 from sabr_jax.config import demo_config
 from sabr_jax.data import pipeline
 from sabr_jax.data.sources import open_source
-from sabr_jax.sampling import make_sampler
 from sabr_jax.loop import train
+from sabr_jax.sampling import make_sampler
 from sabr_jax.trainer import build_model
-from flax import nnx
 
 _CONFIG = config_flags.DEFINE_config_dict("config", demo_config(), "The demo config; override keys with --config.KEY=VALUE.")
 _WORKDIR = flags.DEFINE_string("workdir", "sabr_demo", "Where checkpoints, the exported model and the samples go.")

@@ -81,12 +81,12 @@ class GaussianDiffusion:
     # -------------------------------------------------------------- forward process
     def q_sample(self, x0, t, noise):
         """Sample x_t ~ q(x_t | x0)."""
-        return _at(self.sqrt_alphas_cumprod, t, x0) * x0 + _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return at_step(self.sqrt_alphas_cumprod, t, x0) * x0 + at_step(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0)."""
-        mean = _at(self.posterior_mean_coef1, t, x0) * x0 + _at(self.posterior_mean_coef2, t, x0) * x_t
-        return mean, _at(self.posterior_variance, t, x0), _at(self.posterior_log_variance_clipped, t, x0)
+        mean = at_step(self.posterior_mean_coef1, t, x0) * x0 + at_step(self.posterior_mean_coef2, t, x0) * x_t
+        return mean, at_step(self.posterior_variance, t, x0), at_step(self.posterior_log_variance_clipped, t, x0)
 
     # -------------------------------------------------------------- reverse process
     def split_output(self, model_out, x_t, t, clamp: bool = False):
@@ -98,8 +98,8 @@ class GaussianDiffusion:
         undertrained network can otherwise ask for far more noise than beta_t.
         """
         x0, v = jnp.split(model_out, 2, axis=-1)
-        min_log = _at(self.posterior_log_variance_clipped, t, x_t)
-        max_log = _at(self.log_betas, t, x_t)
+        min_log = at_step(self.posterior_log_variance_clipped, t, x_t)
+        max_log = at_step(self.log_betas, t, x_t)
         frac = (v + 1.0) / 2.0
         if clamp:
             frac = jnp.clip(frac, 0.0, 1.0)
@@ -107,7 +107,7 @@ class GaussianDiffusion:
 
     def predict_eps(self, x0_pred, x_t, t):
         """The noise implied by an x0 prediction at x_t."""
-        return (x_t - _at(self.sqrt_alphas_cumprod, t, x_t) * x0_pred) / _at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return (x_t - at_step(self.sqrt_alphas_cumprod, t, x_t) * x0_pred) / at_step(self.sqrt_one_minus_alphas_cumprod, t, x_t)
 
     # -------------------------------------------------------------- training loss
     def loss(self, model_out, x0, x_t, t, mask):
@@ -132,7 +132,7 @@ class GaussianDiffusion:
         return terms["mse"] + terms["vlb"], terms
 
 
-def _at(array: np.ndarray, t, like):
+def at_step(array: np.ndarray, t, like):
     """array[t] as float32, shaped [B, 1, ..., 1] to broadcast against `like`."""
     values = jnp.asarray(array, jnp.float32)[t]
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sabr_jax.diffusion import GaussianDiffusion, _at
+from sabr_jax.diffusion import GaussianDiffusion, at_step
 from sabr_jax.motion import MOTION_DIM
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -61,7 +61,7 @@ def sample(
             x = mean + jnp.exp(0.5 * log_var) * noise
         else:
             eps = diffusion.predict_eps(x0, x, t)
-            alpha, alpha_prev = _at(diffusion.alphas_cumprod, t, x), _at(diffusion.alphas_cumprod_prev, t, x)
+            alpha, alpha_prev = at_step(diffusion.alphas_cumprod, t, x), at_step(diffusion.alphas_cumprod_prev, t, x)
             sigma = eta * jnp.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
             x = x0 * jnp.sqrt(alpha_prev) + jnp.sqrt(1 - alpha_prev - sigma**2) * eps + sigma * noise
         return x, None
