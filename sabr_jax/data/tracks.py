@@ -155,16 +155,19 @@ def choose_track(counts: Mapping[int, int]) -> int | None:
     return min(counts, key=lambda tid: (-counts[tid], tid))
 
 
-def _field(frame: Mapping, key: str, pos: int, path: str, name, tid: int, shape: tuple, label: str | None = None):
-    label = label or key
+def _entry(frame: Mapping, key: str, pos: int, path: str, name, tid: int):
+    """frame[key][pos]: the track's entry of a per-frame list field."""
     values = frame.get(key)
     if values is None:
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: missing field '{label}'")
+        raise TrackError(f"{path}: frame {name!r}, track {tid}: missing field '{key}'")
     try:
-        value = values[pos]
+        return values[pos]
     except (IndexError, KeyError, TypeError):
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: field '{label}' has no entry {pos} (lists of unequal length)") from None
-    return _array(value, path, name, tid, label, shape)
+        raise TrackError(f"{path}: frame {name!r}, track {tid}: field '{key}' has no entry {pos} (lists of unequal length)") from None
+
+
+def _field(frame: Mapping, key: str, pos: int, path: str, name, tid: int, shape: tuple):
+    return _array(_entry(frame, key, pos, path, name, tid), path, name, tid, key, shape)
 
 
 def _array(value, path, name, tid, label, shape) -> np.ndarray:
@@ -196,13 +199,7 @@ def motion_vector(frame: Mapping, tid: int, path: str, name, image_hw: tuple[int
         raise TrackError(f"{path}: frame {name!r}, track {tid}: missing field 'size' and no video size to fall back on")
     if h <= 0 or w <= 0:
         raise TrackError(f"{path}: frame {name!r}, track {tid}: field 'size' is not positive: {[h, w]}")
-    smpls = frame.get("smpl")
-    if smpls is None:
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: missing field 'smpl'")
-    try:
-        smpl = smpls[pos]
-    except (IndexError, KeyError, TypeError):
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: field 'smpl' has no entry {pos}") from None
+    smpl = _entry(frame, "smpl", pos, path, name, tid)
     if not isinstance(smpl, Mapping):
         raise TrackError(f"{path}: frame {name!r}, track {tid}: field 'smpl' is not a dict")
     parts = {}
