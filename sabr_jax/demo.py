@@ -1,52 +1,80 @@
-"""sabr-demo: the whole path on the embedded default, on any machine, with no downloads.
+"""sabr-demo: the whole path on SynthClimb, on any machine, with no downloads.
 
-Trains the tiny demo config on synthetic clips (in memory, from the seed), exports the EMA
-parameters, then samples the motion of held-out clips twice: from the video alone, and as
-motion completion (the first half of each climb given). Writes one .npz per clip and a
-summary.json, and prints where they went and how close the samples are to the truth.
+    sabr-demo                                          # ./sabr_demo, the embedded default
+    sabr-demo --encoder /path/to/dinov2-with-registers-small   # real DINOv2 features
+    sabr-demo --config configs/synthclimb.py --workdir runs/synthclimb   # the longer run
+    sabr-demo --config.total_steps=300 --workdir out   # any config key
 
-    sabr-demo                                  # defaults: ./sabr_demo, 600 steps
-    sabr-demo --workdir out --config.total_steps=200
+Stages, each of which resumes where an interrupted run stopped (rerun the same command):
+
+1. WORKDIR/clips: SynthClimb clips (`sabr-synth`), one wall each: the empty-wall video,
+   route images, PHALP tracks of the climber, holds.json.
+2. WORKDIR/data: `sabr-prepare`: DINOv2 tokens of every frame and route image, motion
+   vectors, a TFDS dataset split train/validation by clip, so no wall is in both.
+3. WORKDIR/train: `sabr-train` on it, with a validation x0 error every `eval_every` steps.
+4. WORKDIR/export (the EMA model) and WORKDIR/eval: `sabr-eval` on the held-out walls: the
+   model against the mean motion, a random training clip, the model given another wall's
+   video (is the video used?) and the ground truth.
+5. WORKDIR/loss.png: the loss curves.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
-import jax
-import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from sabr_jax import checkpoint, motion
-from sabr_jax.config import demo_config
-from sabr_jax.data import pipeline
-from sabr_jax.data.sources import open_source
-from sabr_jax.loop import train
-from sabr_jax.sampling import make_sampler
-from sabr_jax.trainer import build_model
+from sabr_jax import checkpoint
+from sabr_jax import config as config_lib
+from sabr_jax.data import prepare, synth
+from sabr_jax.data.tfds_source import TfdsClips
 
-_CONFIG = config_flags.DEFINE_config_dict("config", demo_config(), "The demo config; override keys with --config.KEY=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", "sabr_demo", "Where checkpoints, the exported model and the samples go.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Held-out clips to sample.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", f"{config_lib.__file__}:synthclimb_demo",
+    "Config file (default: the embedded SynthClimb demo; configs/synthclimb.py is the longer run). "
+    "Override keys with --config.KEY=VALUE.",
+)
+_WORKDIR = flags.DEFINE_string("workdir", "sabr_demo", "Where the clips, dataset, checkpoints, export and evaluation go.")
+_ENCODER = flags.DEFINE_string(
+    "encoder", None,
+    "DINOv2-with-registers weights (a HuggingFace folder, .safetensors or torch-hub .pth). Default: the config's "
+    "synth.encoder, seeded random weights.",
+)
 
 
-def normalised_mse(pred, truth, mask) -> float:
-    """Mean squared error over the masked frames, in normalised units (1.0 = predicting the mean)."""
-    return float(np.mean(np.square(pred - truth)[mask]))
+def write_benchmark(cfg, workdir: str, encoder: str, log=print) -> str:
+    """Stages 1 and 2: SynthClimb clips and their prepared dataset; returns the data dir."""
+    s = cfg.synth
+    clips_dir, data_dir = os.path.join(workdir, "clips"), os.path.join(workdir, "data")
+    height, width = s.size
+    start = time.time()
+    synth.write_clips(clips_dir, s.clips, seed=cfg.seed, height=height, width=width, context=cfg.data.context_frames,
+                      holds=s.holds, pan=s.pan, log=log)
+    log(f"SynthClimb: {s.clips} clips in {clips_dir} ({time.time() - start:.0f} s)")
+    settings = prepare.Settings(
+        encoder=encoder, precision="float32", pool=s.pool, frame_size=(height, width), encoder_size=tuple(s.encoder_size),
+        validation_fraction=s.validation_fraction, split_seed=cfg.seed, seed=cfg.seed, min_frames=8,
+    )
+    start = time.time()
+    report = prepare.prepare(clips_dir, data_dir, settings, log=lambda m: logging.info(m))
+    if report.get("error"):
+        raise RuntimeError(f"sabr-prepare failed: {report['error']} (see {os.path.join(data_dir, prepare.REPORT)})")
+    splits = report["dataset"]["splits"]
+    counts = ", ".join(f"{name} {split['clips']} clips / {split['frames']} frames" for name, split in splits.items())
+    log(f"dataset: {counts} in {data_dir} ({time.time() - start:.0f} s)")
+    return data_dir
 
 
-def write_sample(path: str, stats: motion.NormStats, **normalised) -> None:
-    """Save motion vectors [T, 161] (denormalised) and their SMPL parts per name."""
-    arrays = {}
-    for name, x in normalised.items():
-        vectors = stats.denormalize(x)
-        arrays[f"{name}_motion"] = vectors
-        rotations = motion.rot6d_to_matrix(vectors[:, motion.ROTATIONS].reshape(-1, motion.NUM_JOINTS, 6))
-        arrays[f"{name}_pose_axis_angle"] = motion.matrix_to_axis_angle(rotations)  # [T, 24, 3] radians
-    np.savez(path, **arrays)
+def match_dataset(cfg, data_dir: str) -> None:
+    """Take the token count, width and patch grid from the dataset (they follow the encoder)."""
+    source = TfdsClips(data_dir, "train")
+    grid = source.clips[0]["grid"]
+    with cfg.unlocked():
+        cfg.data.update(source="tfds", dir=data_dir, num_patches=source.num_patches)
+        cfg.model.update(video_dim=source.video_dim, patch_grid=tuple(grid))
 
 
 def main(argv) -> None:
@@ -54,65 +82,47 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    cfg, workdir = _CONFIG.value, _WORKDIR.value
-    result = train(cfg, workdir)
-    ema, meta = result["state"]["ema"], result["meta"]
-    export_dir = os.path.join(os.path.abspath(workdir), "export")
-    checkpoint.export_ema(export_dir, ema, meta)
-    _, stats = checkpoint.read_meta(meta)
+    from sabr_jax.eval.evaluate import evaluate, format_table
+    from sabr_jax.eval.plots import plot_losses
+    from sabr_jax.loop import train
 
-    source, _ = open_source(cfg, "validation")
-    batch = next(iter(pipeline.dataset(
-        source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
-        batch_size=min(_NUM_SAMPLES.value, len(source)), seed=cfg.seed,
-    )))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0)))
-    sampler = make_sampler(graphdef, cfg)
-    key = jax.random.PRNGKey(cfg.seed)
-    print(f"sampling {len(batch['motion'])} held-out clips ({cfg.sample.steps} {cfg.sample.method} steps) ...")
-    generated = np.asarray(sampler(ema, batch, key))
+    cfg, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    encoder = _ENCODER.value or cfg.synth.encoder
+    if encoder in prepare.RANDOM_ENCODERS:
+        print(f"*** video encoder: {encoder}, SEEDED RANDOM WEIGHTS (no DINOv2 checkpoint given; pass --encoder PATH "
+              "for real DINOv2 features). The tokens are a fixed random function of the pixels. ***")
+    else:
+        print(f"video encoder: {encoder}")
+    start = time.time()
+    data_dir = write_benchmark(cfg, workdir, encoder)
+    match_dataset(cfg, data_dir)
 
-    counted = batch["frame_mask"] & ~batch["context_mask"]
-    first = np.argmax(counted, axis=1)[:, None]
-    half = (counted.sum(1) // 2)[:, None]
-    positions = np.arange(counted.shape[1])[None]
-    known_mask = counted & (positions < first + half)
-    completed = np.asarray(sampler(ema, batch, key, batch["motion"], known_mask))
+    train_dir = os.path.join(workdir, "train")
+    result = train(cfg, train_dir)
+    export_dir = os.path.join(workdir, "export")
+    checkpoint.export_ema(export_dir, result["state"]["ema"], result["meta"])
+    plot_losses(os.path.join(train_dir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
 
-    out_dir = os.path.join(os.path.abspath(workdir), "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for i in range(len(generated)):
-        frames = counted[i]
-        path = os.path.join(out_dir, f"clip{i:02d}.npz")
-        write_sample(path, stats, generated=generated[i][frames], completed=completed[i][frames], truth=batch["motion"][i][frames])
-        paths.append(path)
-    summary = {
-        "steps_trained": int(result["state"]["step"]),
-        "final_loss": _last_loss(workdir),
-        "mse_generated": normalised_mse(generated, batch["motion"], counted),
-        "mse_completed_unknown_frames": normalised_mse(completed, batch["motion"], counted & ~known_mask),
-        "completion_known_frames_exact": bool(np.array_equal(completed[known_mask], batch["motion"][known_mask])),
-        "mse_predicting_the_mean": normalised_mse(np.zeros_like(generated), batch["motion"], counted),
-        "samples": paths,
-        "exported_model": export_dir,
-    }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"movement MSE (normalised units) of generated motion: {summary['mse_generated']:.4f}; "
-          f"completion, unknown frames: {summary['mse_completed_unknown_frames']:.4f}; "
-          f"predicting the mean: {summary['mse_predicting_the_mean']:.4f}")
-    print(f"samples written to {out_dir} ({len(paths)} .npz files and summary.json)")
-    print(f"exported EMA model in {export_dir}; checkpoints and metrics.jsonl in {os.path.abspath(workdir)}")
-
-
-def _last_loss(workdir: str) -> float | None:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1])["loss"] if lines else None
+    eval_dir = os.path.join(workdir, "eval")
+    metrics = evaluate(export_dir, data_dir, eval_dir, seed=cfg.seed)
+    print(f"\nheld-out walls ({len(metrics['rows']['model']['per_video'])} clips), "
+          f"{metrics['settings']['steps']} {metrics['settings']['method']} sampling steps:")
+    print(format_table(metrics))
+    print(f"\ndone in {(time.time() - start) / 60:.1f} min. Outputs:")
+    for path, what in [
+        ("clips", "SynthClimb clips (video.mp4, context/*.png, tracks.pkl, holds.json)"),
+        ("data", "prepared dataset (TFDS ArrayRecord) and report.json"),
+        ("train", "checkpoints (resumable), metrics.jsonl, TensorBoard events"),
+        ("loss.png", "loss curves"),
+        ("export", "the EMA model, config and normalisation statistics, for sampling"),
+        ("eval/metrics.json", "the table above, per video too (also metrics.csv)"),
+        ("eval/adherence.png", "route adherence per held-out video, per row"),
+        ("eval/samples.npz", "the sampled motions"),
+    ]:
+        print(f"  {os.path.join(workdir, path):<48} {what}")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({"minutes": (time.time() - start) / 60, "steps": result["step"], "encoder": encoder,
+                   "rows": {k: {m: v[m] for m in ("movement_mse", "route_adherence")} for k, v in metrics["rows"].items()}}, f, indent=1)
 
 
 def run() -> None:

@@ -17,6 +17,9 @@ host, after `jax.distributed.initialize`):
   (the step withholds its update). It is reported with the quantity (and the parameters
   with non-finite gradients); `on_nonfinite='stop'` then ends training without saving,
   'skip' goes on.
+* With eval_every > 0, every eval_every steps and at the last one, the EMA parameters'
+  validation figures (`Trainer.eval_step` on fixed held-out batches and noise, so that
+  they compare across steps) join that step's metrics record, with a console line.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ from sabr_jax.trainer import Trainer
 # pipeline bubble), so processes compare flags every this many steps (and at each log and
 # checkpoint step); one process alone checks every step.
 PREEMPTION_CHECK_EVERY = 10
+
+# Seed of the fixed validation batches (their windows) and of their noise: the same for
+# every run on the same data, so figures compare across runs too.
+VALIDATION_SEED = 0
 
 
 class Preemption:
@@ -75,6 +82,12 @@ def nonfinite_report(step: int, metrics: dict, names: list[str]) -> str | None:
     return f"step {step}: non-finite gradients (loss {float(metrics['loss']):.4g}) in {len(bad)} parameters: {shown}"
 
 
+def validation_line(step: int, figures: dict, num_steps: int) -> str:
+    """The console line of a step's validation figures (num_steps: the diffusion's T)."""
+    return (f"step {step}: val x0 mse {figures['val_x0_mse']:.4g} (t={num_steps - 1}: "
+            f"{figures['val_x0_mse_t999']:.4g}), shuffled video {figures['val_x0_mse_shuffled']:.4g}")
+
+
 def summarize(pending: list[dict], elapsed: float, flops_per_step: float, cfg) -> dict[str, float]:
     """Mean metrics over the finite steps since the last log, plus throughput and MFU."""
     host = [{k: np.asarray(v) for k, v in m.items() if k != "grad_leaf_finite"} for m in jax.device_get(pending)]
@@ -86,6 +99,43 @@ def summarize(pending: list[dict], elapsed: float, flops_per_step: float, cfg) -
     if cfg.peak_flops_per_device > 0 and flops_per_step > 0:
         record["mfu"] = flops_per_step * record["steps_per_s"] / (cfg.peak_flops_per_device * jax.device_count())
     return record
+
+
+def global_batch(local: dict, trainer: Trainer) -> dict:
+    """This process's rows of a batch (numpy) -> the global, sharded batch."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), local)
+
+
+def validation(cfg, trainer: Trainer, stats, state: dict, say):
+    """A function params -> validation figures (`Trainer.eval_step`, averaged over the
+    fixed batches), or None when cfg.eval_every is 0 or the validation split is empty.
+
+    The batches are this process's rows of the first cfg.eval_batches global batches of
+    the validation split, windowed like training batches from VALIDATION_SEED; they stay
+    on the host until used. Batch i always gets the noise of fold_in(VALIDATION_SEED, i).
+    """
+    if cfg.eval_every <= 0:
+        return None
+    source, _ = open_source(cfg, "validation")
+    if len(source) == 0:
+        say("the validation split has no clips: no validation figures (eval_every is ignored)")
+        return None
+    start_row, stop_row = sharding.process_rows(cfg.batch_size, trainer.mesh)
+    rows = stop_row - start_row
+    val_iter = iter(pipeline.dataset(
+        source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
+        batch_size=rows, seed=VALIDATION_SEED, shard_index=start_row // rows, shard_count=cfg.batch_size // rows,
+    ))
+    batches = [next(val_iter) for _ in range(cfg.eval_batches)]
+    keys = [np.asarray(jax.random.fold_in(jax.random.PRNGKey(VALIDATION_SEED), i)) for i in range(len(batches))]
+    with jax.set_mesh(trainer.mesh):
+        eval_fn = trainer.jit_eval_step.lower(state["ema"], global_batch(batches[0], trainer), keys[0]).compile()
+
+    def evaluate(params) -> dict[str, float]:
+        figures = jax.device_get([eval_fn(params, global_batch(b, trainer), k) for b, k in zip(batches, keys)])
+        return {name: float(np.mean([f[name] for f in figures])) for name in figures[0]}
+
+    return evaluate
 
 
 def train(cfg, workdir: str) -> dict:
@@ -126,10 +176,9 @@ def train(cfg, workdir: str) -> dict:
     def next_batch_global():
         nonlocal consumed
         consumed += 1
-        local = next(data_iter)
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), local)
+        return global_batch(next(data_iter), trainer)
 
-    batch, step_fn, flops = None, None, 0.0
+    batch, step_fn, flops, evaluate = None, None, 0.0, None
     if step < cfg.total_steps:
         batch = next_batch_global()
         with jax.set_mesh(mesh):  # attention picks its kernel (and splash its partitioning) from the mesh
@@ -138,6 +187,7 @@ def train(cfg, workdir: str) -> dict:
         flops = jaxpr_flops(traced.jaxpr)  # whole step, all devices
         say(f"train step: {flops:.4g} FLOPs (matmuls, forward + backward + remat) per global batch of {cfg.batch_size}"
             + ("" if cfg.peak_flops_per_device > 0 else "; set peak_flops_per_device for MFU"))
+        evaluate = validation(cfg, trainer, stats, state, say)
 
     def save():
         checkpoint.save(mngr, step, state, checkpoint.data_position(consumed, cfg), meta)
@@ -168,7 +218,8 @@ def train(cfg, workdir: str) -> dict:
             pending.append(metrics)
             unchecked.append((step, metrics))
             progress.update(1)
-            log_now = step % cfg.log_every == 0 or step == cfg.total_steps
+            eval_now = evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps)
+            log_now = step % cfg.log_every == 0 or step == cfg.total_steps or eval_now
             save_now = step % cfg.checkpoint_every == 0 and step < cfg.total_steps
             # Check the flags of all but the newest step (already queued work keeps the
             # device busy); before a save or log, all of them.
@@ -177,10 +228,13 @@ def train(cfg, workdir: str) -> dict:
                 break
             if log_now:
                 record = summarize(pending, time.perf_counter() - t_log, flops, cfg)
-                t_log, pending = time.perf_counter(), []
-                log.write(step, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                if eval_now:
+                    record.update(evaluate(state["ema"]))
+                    say(validation_line(step, record, cfg.diffusion.num_steps))
+                log.write(step, record)
+                t_log, pending = time.perf_counter(), []  # (evaluation time is not training throughput)
             if save_now:
                 save()
                 last_saved = step

@@ -18,6 +18,12 @@ Every block: adaLN-Zero self-attention, ungated pre-norm cross-attention, adaLN-
 modulated by the diffusion timestep. Context frames are a prompt: their motion tokens are
 a learned embedding, never the (noised) input. Padded frames are masked out of every
 attention and their outputs are zero.
+
+Options beyond the paper (off in the paper configs, on for SynthClimb; see README):
+`patch_grid` adds a fixed 2D sin-cos position to the video tokens (the model otherwise has
+no way to tell where a token sits in the frame); `route_frames` lets every frame's
+frame-aligned cross-attention also read the route images' tokens; `video_norm`
+standardises each channel of a frame's tokens over its patches.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     video_dim: int = 384  # width of the video tokens (the DINOv2 width)
     cross_window: int = 0  # slots layout: frame t cross-attends to frames t-w..t+w
+    route_frames: int = 0  # > 0: every frame also cross-attends to the tokens of the first N positions (the route)
+    patch_grid: tuple[int, int] | None = None  # (rows, cols) of the video tokens: adds a fixed 2D sin-cos position
+    video_norm: bool = False  # standardise each channel of a frame's video tokens over its patches
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
     attention: str | None = None  # force an attention kernel ('xla', 'cudnn', 'splash'); None picks
@@ -65,6 +74,10 @@ class DiTConfig:
             raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.cross_window and self.layout == "frame":
             raise ValueError("model.cross_window applies to layout='slots' only")
+        if self.route_frames < 0:
+            raise ValueError(f"the number of route frames must be >= 0, got {self.route_frames}")
+        if self.patch_grid is not None and (len(self.patch_grid) != 2 or min(self.patch_grid) < 1):
+            raise ValueError(f"model.patch_grid must be (rows, cols) of positive ints or None, got {self.patch_grid!r}")
 
     @property
     def num_slots(self) -> int:
@@ -110,6 +123,14 @@ def sincos_embedding(length: int, dim: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+def sincos_2d_embedding(rows: int, cols: int, dim: int) -> jax.Array:
+    """Fixed 2D sine-cosine position embedding [rows * cols, dim] of a row-major patch grid:
+    half the channels encode the row, half the column."""
+    row = jnp.repeat(sincos_embedding(rows, dim // 2), cols, axis=0)
+    col = jnp.tile(sincos_embedding(cols, dim // 2), (rows, 1))
+    return jnp.concatenate([row, col], axis=-1)
+
+
 def modulate(x, shift, scale):
     """x [B, L, S, D]; shift, scale [B, D]."""
     return x * (1 + scale[:, None, None]) + shift[:, None, None]
@@ -127,6 +148,32 @@ def window(kv: jax.Array, frame_mask: jax.Array, w: int):
     offsets = jnp.arange(length)[:, None] + jnp.arange(2 * w + 1)[None]  # [L, 2w+1]
     kv = rearrange(padded[:, offsets], "b l o p h d -> b l (o p) h d")
     return kv, repeat(valid[:, offsets], "b l o -> b l (o p)", p=tokens)
+
+
+MASKED = -1e30  # the logit of a masked key (finite: a row with every key masked stays finite)
+
+
+def attend_with_route(q, k, v, mask, route_k, route_v, route_mask):
+    """Cross-attention of each frame to its own tokens and to the route images' tokens, one softmax.
+
+    q [B, L, S, H, Dh]; k, v [B, L, N, H, Dh] each frame's own (or windowed) tokens, mask
+    [B, L, N] or None; route_k, route_v [B, C, P, H, Dh] the tokens of the first C positions,
+    route_mask [B, C] (False where an example has fewer route images). Returns [B, L, S, H, Dh].
+    The route tokens are shared by every frame, so they are not copied per frame; this runs
+    as XLA einsums on every platform (the small and medium configs this option is for).
+    """
+    scale = q.shape[-1] ** -0.5
+    route_k, route_v = (rearrange(a, "b c p h d -> b (c p) h d") for a in (route_k, route_v))
+    own = jnp.einsum("blshd,blnhd->blhsn", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        own = jnp.where(mask[:, :, None, None], own, MASKED)
+    route = jnp.einsum("blshd,bkhd->blhsk", q, route_k, preferred_element_type=jnp.float32) * scale
+    route_mask = repeat(route_mask, "b c -> b (c p)", p=route_k.shape[1] // route_mask.shape[1])
+    route = jnp.where(route_mask[:, None, None, None], route, MASKED)
+    weights = jax.nn.softmax(jnp.concatenate([own, route], axis=-1), axis=-1).astype(q.dtype)
+    n = k.shape[2]
+    return (jnp.einsum("blhsn,blnhd->blshd", weights[..., :n], v)
+            + jnp.einsum("blhsk,bkhd->blshd", weights[..., n:], route_v))
 
 
 class TimestepEmbedder(nnx.Module):
@@ -201,7 +248,7 @@ class Block(nnx.Module):
             out = rearrange(out, "(b s) l h d -> b l s (h d)", b=b)
         return self.attn_out(out)
 
-    def cross_attention(self, x, kv, frame_mask):
+    def cross_attention(self, x, kv, frame_mask, route_mask=None):
         b, l, s, _ = x.shape
         k, v = kv  # [B, L, P, H, Dh]
         q = rearrange(self.cross_q(x), "b l s (h d) -> b l s h d", h=self.num_heads)
@@ -209,8 +256,12 @@ class Block(nnx.Module):
             mask = None
             if self.cfg.cross_window:
                 (k, mask), (v, _) = window(k, frame_mask, self.cfg.cross_window), window(v, frame_mask, self.cfg.cross_window)
-                mask = rearrange(mask, "b l k -> (b l) k")
+            if self.cfg.route_frames:
+                n = self.cfg.route_frames
+                out = attend_with_route(q, k, v, mask, kv[0][:, :n], kv[1][:, :n], route_mask)
+                return self.cross_out(rearrange(out, "b l s h d -> b l s (h d)"))
             fold = lambda a: rearrange(a, "b l n h d -> (b l) n h d")
+            mask = None if mask is None else rearrange(mask, "b l k -> (b l) k")
             out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
             out = rearrange(out, "(b l) s h d -> b l s (h d)", b=b)
         else:  # patch_time: S == 1
@@ -222,11 +273,12 @@ class Block(nnx.Module):
             out = rearrange(out, "(b p) l h d -> b p l (h d)", b=b).mean(axis=1)[:, :, None]
         return self.cross_out(out)
 
-    def __call__(self, x, c, kv, frame_mask):
-        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask [B, L]."""
+    def __call__(self, x, c, kv, frame_mask, route_mask=None):
+        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask [B, L];
+        route_mask [B, route_frames] True on the route images (with `route_frames` > 0)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
         x = x + gate1[:, None, None] * self.self_attention(modulate(self.norm1(x), shift1, scale1), frame_mask)
-        x = x + self.cross_attention(self.norm2(x), kv, frame_mask)
+        x = x + self.cross_attention(self.norm2(x), kv, frame_mask, route_mask)
         x = x + gate2[:, None, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
         return x
 
@@ -246,9 +298,9 @@ class BlockPair(nnx.Module):
         """-> ((k, v) of the spatial block, (k, v) of the temporal block), each [B, L, P, H, Dh]."""
         return self.spatial.video_kv(video_emb), self.temporal.video_kv(video_emb)
 
-    def __call__(self, x, c, kv, frame_mask):
-        x = self.spatial(x, c, kv[0], frame_mask)
-        return self.temporal(x, c, kv[1], frame_mask)
+    def __call__(self, x, c, kv, frame_mask, route_mask=None):
+        x = self.spatial(x, c, kv[0], frame_mask, route_mask)
+        return self.temporal(x, c, kv[1], frame_mask, route_mask)
 
 
 class FinalLayer(nnx.Module):
@@ -322,12 +374,24 @@ class DiT(nnx.Module):
         """video [B, L, P, Dv] tokens -> [B, L, P, D].
 
         drop [B] bool replaces an example's tokens by the learned null token (condition
-        dropout for classifier-free guidance). A fixed sine-cosine time embedding is added.
+        dropout for classifier-free guidance). A fixed sine-cosine time embedding is added,
+        and with `patch_grid` a 2D one over the patches. With `video_norm` every channel of a
+        frame's tokens is first standardised over the frame's patches.
         """
+        if self.cfg.video_norm:  # what differs between a frame's patches, at unit scale
+            video = video.astype(jnp.float32)
+            mean, var = video.mean(axis=2, keepdims=True), video.var(axis=2, keepdims=True)
+            video = (video - mean) * jax.lax.rsqrt(var + 1e-3)
         emb = self.video_embedder(video.astype(self.cfg.compute_dtype))
         if drop is not None:
             emb = jnp.where(drop[:, None, None, None], self.null_video.astype(emb.dtype), emb)
-        return emb + sincos_embedding(video.shape[1], self.cfg.width)[None, :, None].astype(emb.dtype)
+        emb = emb + sincos_embedding(video.shape[1], self.cfg.width)[None, :, None].astype(emb.dtype)
+        if self.cfg.patch_grid is not None:
+            rows, cols = self.cfg.patch_grid
+            if rows * cols != video.shape[2]:
+                raise ValueError(f"model.patch_grid {rows}x{cols} does not match {video.shape[2]} video tokens per frame")
+            emb = emb + sincos_2d_embedding(rows, cols, self.cfg.width)[None, None].astype(emb.dtype)
+        return emb
 
     def video_kv(self, video_emb: jax.Array):
         """The cross-attention keys/values of every block, stacked over block pairs.
@@ -364,12 +428,13 @@ class DiT(nnx.Module):
             raise ValueError("DiT: give exactly one of video_emb and kv")
         c = self.t_embedder(t).astype(self.cfg.compute_dtype)
         h = self.embed_motion(x, context_mask)
+        route_mask = context_mask[:, : self.cfg.route_frames] if self.cfg.route_frames else None
         policy = REMAT_POLICIES[self.cfg.remat]
 
         def step(h, pair, pair_kv):
             if pair_kv is None:
                 pair_kv = pair.video_kv(video_emb)
-            return pair(h, c, pair_kv, frame_mask)
+            return pair(h, c, pair_kv, frame_mask, route_mask)
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=policy)

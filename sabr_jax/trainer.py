@@ -21,13 +21,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sabr_jax import sharding
-from sabr_jax.diffusion import GaussianDiffusion
+from sabr_jax.diffusion import GaussianDiffusion, space_timesteps
 from sabr_jax.model import DiT, DiTConfig
+
+# Timesteps of the validation figures (`Trainer.eval_step`), evenly spaced over [0, T).
+EVAL_TIMESTEPS = 8
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
     fields = dict(cfg.model)
     fields["attention"] = None if fields["attention"] == "auto" else fields["attention"]
+    fields["route_frames"] = cfg.data.context_frames if fields.pop("cross_route") else 0
+    fields["patch_grid"] = tuple(fields["patch_grid"]) if fields["patch_grid"] else None
     return DiTConfig(**fields)
 
 
@@ -51,6 +56,12 @@ def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay], [o.warmup_steps])
     adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+
+
+def roll_video(batch: dict) -> dict:
+    """batch with every example's video tokens [B, L, P, Dv] those of the example before it
+    (roll by one along the batch axis); masks and motion unchanged."""
+    return dict(batch, video=jnp.roll(batch["video"], 1, axis=0))
 
 
 def ema_update(ema, params, decay: float):
@@ -149,6 +160,35 @@ class Trainer:
         out = model(x_t, t, frame_mask, context_mask, video_emb=model.embed_video(batch["video"], drop))
         return self.diffusion.loss(out, x0, x_t, t, frame_mask & ~context_mask)
 
+    def eval_step(self, params, batch: dict, key) -> dict:
+        """Validation figures of one batch: masked x0 MSE (normalised units; 1.0 = predicting
+        the mean) of `params` on the motion frames, with the training loss's masking.
+
+        The noise (from `key`, one draw for the whole global batch, like `draw`) and the
+        timesteps (EVAL_TIMESTEPS evenly spaced over [0, T), both ends included) are fixed
+        by the arguments, so the same params give the same figures. No condition dropout.
+        Returns scalars:
+            val_x0_mse           mean over the timesteps
+            val_x0_mse_t999      at t = T-1 alone (pure noise in: what the video alone tells)
+            val_x0_mse_shuffled  mean over the timesteps with every example's video tokens
+                                 (context positions included) those of the previous example
+                                 (`roll_video`); its own masks and motion kept
+        """
+        noise = self._constrain(jax.random.normal(key, batch["motion"].shape, batch["motion"].dtype), sharding.BATCH)
+        b = noise.shape[0]
+        ts = jnp.asarray(space_timesteps(self.diffusion.num_steps, EVAL_TIMESTEPS), jnp.int32)
+
+        def mse(args):
+            t, shuffled = args
+            video = jnp.where(shuffled, roll_video(batch)["video"], batch["video"])
+            rand = {"t": jnp.full((b,), t), "noise": noise, "drop": jnp.zeros((b,), bool)}
+            return self.loss(params, dict(batch, video=video), rand)[1]["mse"]
+
+        # One compiled forward pass, mapped over (t, shuffled): [2, K].
+        grid = jax.lax.map(mse, (jnp.tile(ts, 2), jnp.repeat(jnp.array([False, True]), len(ts))))
+        grid = grid.reshape(2, len(ts))
+        return {"val_x0_mse": grid[0].mean(), "val_x0_mse_t999": grid[0, -1], "val_x0_mse_shuffled": grid[1].mean()}
+
     def split_micro(self, tree):
         """[B, ...] -> [A, B/A, ...] for grad_accum = A: micro-batch a is rows a, a+A, a+2A, ...
 
@@ -207,6 +247,15 @@ class Trainer:
             "grad_leaf_finite": jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),
         }
         return new, metrics
+
+    @functools.cached_property
+    def jit_eval_step(self):
+        """The pure eval step: EMA (or any) params, global batch and key in; figures replicated."""
+        return jax.jit(
+            self.eval_step,
+            in_shardings=(self.state_sharding["params"], self.batch_sharding, sharding.replicated(self.mesh)),
+            out_shardings=sharding.replicated(self.mesh),
+        )
 
     @functools.cached_property
     def param_names(self) -> list[str]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import av
 import joblib
 import numpy as np
 import pytest
@@ -43,7 +44,9 @@ def make_clips(root):
     truth = {}
     for i, name in enumerate(GOOD):
         fps = 24 if i == 0 else 30
-        truth[name] = synth.make_clip(root / name, seed=i, seconds=2.0, fps=fps, height=64, width=112, context=2)
+        truth[name] = synth.make_clip(
+            root / name, seed=i, seconds=2.0, fps=fps, height=64, width=112, context=2, pan=True, tracker_gaps=True
+        )
 
     def bad(name, seed=50):
         info = synth.make_clip(root / name, seed=seed, seconds=1.0, fps=24, height=64, width=112)
@@ -361,7 +364,7 @@ def test_encoder_data_parallel_over_local_devices(tmp_path):
 
 
 def test_synth_cli_writes_the_user_layout(tmp_path):
-    synth.main(["--out", str(tmp_path), "--clips", "2", "--seconds", "0.5", "--size", "32x48"])
+    synth.main(["--out", str(tmp_path), "--clips", "2", "--holds", "3", "--size", "32x48"])
     for clip in ("clip000", "clip001"):
         folder = tmp_path / clip
         assert (folder / "video.mp4").stat().st_size > 0 and (folder / "holds.json").is_file()
@@ -369,4 +372,6 @@ def test_synth_cli_writes_the_user_layout(tmp_path):
         with open(folder / "tracks.pkl", "rb") as f:
             assert f.read(1) == b"x"  # zlib: joblib.dump(..., compress=3)
         tracks = P.tr.load_tracks(folder / "tracks.pkl")
-        assert len(tracks) == 15 and {"tid", "tracked_ids", "bbox", "smpl", "camera_bbox", "size"} <= set(tracks["000001.jpg"])
+        with av.open(str(folder / "video.mp4")) as video:
+            frames = sum(1 for _ in video.decode(video=0))
+        assert len(tracks) == frames == 24 and {"tid", "tracked_ids", "bbox", "smpl", "camera_bbox", "size"} <= set(tracks["000001.jpg"])

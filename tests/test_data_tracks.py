@@ -35,7 +35,9 @@ def expected_vector(entry, height, width):
 @pytest.fixture(scope="module")
 def phalp():
     rng = np.random.default_rng(0)
-    results, present = synth.make_tracks(rng, 30, 30.0, 180, 320)
+    climber = synth.random_person(rng, 30, 30.0, 180, 320)
+    results, present = synth.make_tracks(rng, climber, 30.0, 180, 320, tracker_gaps=True)
+    assert not present.all(), "the tracker should lose the climber for a few frames"
     return results, present
 
 

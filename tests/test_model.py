@@ -7,8 +7,15 @@ from util import forward, spoil, tiny_batch, tiny_model
 
 from sabr_jax.config import base_config
 from sabr_jax.model import DiT, DiTConfig, window
+from sabr_jax.trainer import model_config
 
-LAYOUTS = [("slots", {}), ("slots", {"cross_window": 1}), ("frame", {})]
+LAYOUTS = [
+    ("slots", {}),
+    ("slots", {"cross_window": 1}),
+    ("slots", {"route_frames": 2, "patch_grid": (1, 3)}),
+    ("frame", {}),
+    ("frame", {"route_frames": 2, "patch_grid": (3, 1)}),
+]
 
 
 @pytest.mark.parametrize("layout", ["slots", "frame"])
@@ -86,8 +93,8 @@ def test_config_errors_are_clear():
 
 @pytest.mark.parametrize("layout", ["slots", "frame"])
 def test_sabr_l_has_about_600m_parameters(layout):
-    cfg = base_config().model
-    cfg.update(width=1024, heads=16, depth=24, video_dim=1024, layout=layout, attention=None)
-    abstract = nnx.eval_shape(lambda: DiT(DiTConfig(**cfg), rngs=nnx.Rngs(0)))
+    cfg = base_config()
+    cfg.model.update(width=1024, heads=16, depth=24, video_dim=1024, layout=layout)
+    abstract = nnx.eval_shape(lambda: DiT(model_config(cfg), rngs=nnx.Rngs(0)))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert 550e6 <= count <= 650e6, count

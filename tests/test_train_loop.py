@@ -1,5 +1,5 @@
-"""The training loop end to end: metrics, resume after SIGTERM, SIGKILL during an async save,
-non-finite steps, EMA export.
+"""The training loop end to end: metrics, validation figures, resume after SIGTERM, SIGKILL
+during an async save, non-finite steps, EMA export.
 
 Killed runs are `sabr-train` subprocesses started through this file
 (`python tests/test_train_loop.py MODE -- FLAGS`), which can slow the steps down (so a
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
     "--config.batch_size=8", "--config.model.width=32", "--config.model.heads=4", "--config.model.depth=2",
-    "--config.model.video_dim=16", "--config.data.max_frames=16", "--config.data.num_patches=4",
+    "--config.model.video_dim=16", "--config.data.max_frames=16", "--config.data.num_patches=8",
     "--config.data.num_clips=16", "--config.data.min_clip_frames=8", "--config.data.max_clip_frames=24",
     "--config.optim.warmup_steps=2", "--config.log_every=1",
 ]
@@ -49,9 +49,14 @@ def tiny_cfg(total_steps, checkpoint_every, **overrides):
     return cfg
 
 
-def losses(workdir):
+def records(workdir):
+    """{step: the step's record} of WORKDIR/metrics.jsonl."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def losses(workdir):
+    return {step: r["loss"] for step, r in records(workdir).items()}
 
 
 def child_env(**extra):
@@ -65,25 +70,69 @@ def start(mode, args, **env):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 8-step run, in this process."""
+    """An uninterrupted 8-step run, in this process, with validation figures at steps 3, 6, 8."""
     from sabr_jax.loop import train
 
     workdir = tmp_path_factory.mktemp("reference")
-    result = train(tiny_cfg(8, 4), str(workdir))
+    result = train(tiny_cfg(8, 4, eval_every=3), str(workdir))
     assert result["status"] == "done"
     return workdir, losses(workdir)
+
+
+VALIDATION = {"val_x0_mse", "val_x0_mse_t999", "val_x0_mse_shuffled"}
 
 
 def test_uninterrupted_run_writes_metrics_tensorboard_checkpoints(reference):
     workdir, ref = reference
     assert sorted(ref) == list(range(1, 9)) and all(np.isfinite(list(ref.values())))
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        record = json.loads(f.readline())
-    assert {"step", "loss", "mse", "vlb", "grad_norm", "steps_per_s", "examples_per_s"} <= set(record)
+    logged = records(workdir)
+    assert {"step", "loss", "mse", "vlb", "grad_norm", "steps_per_s", "examples_per_s"} <= set(logged[1])
+    assert [s for s, r in logged.items() if VALIDATION <= set(r)] == [3, 6, 8]  # every eval_every steps and the last
+    assert all(0 < logged[s][k] < 10 for s in (3, 6, 8) for k in VALIDATION), logged[8]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
     with open(os.path.join(workdir, "checkpoints", "8", "data_iter", "metadata")) as f:
         assert json.load(f)["next_batch"] == 8
+
+
+def test_validation_figures_are_deterministic_and_see_the_video(reference):
+    """Re-evaluating the reference run's final EMA (a fresh compile, the batches drawn anew)
+    gives the logged figures; with its trained params, another example's video changes them."""
+    from sabr_jax import checkpoint, sharding
+    from sabr_jax.data.sources import open_source
+    from sabr_jax.loop import validation, validation_line
+    from sabr_jax.trainer import Trainer
+
+    workdir, _ = reference
+    cfg = tiny_cfg(8, 4, eval_every=3)
+    trainer = Trainer(cfg, sharding.make_mesh(cfg.mesh))
+    mngr = checkpoint.manager(str(workdir), 3)
+    state, _, _ = checkpoint.restore(mngr, trainer.abstract_state())
+    mngr.close()
+    evaluate = validation(cfg, trainer, open_source(cfg)[1], state, print)
+    ema = evaluate(state["ema"])
+    assert ema == evaluate(state["ema"]) == {k: records(workdir)[8][k] for k in VALIDATION}
+    trained = evaluate(state["params"])  # 8 steps: the video moves the figure by ~1e-4 (float32 round-off: ~1e-7)
+    assert abs(trained["val_x0_mse_shuffled"] - trained["val_x0_mse"]) > 1e-5, trained
+    assert validation_line(8, trained, 1000).startswith(f"step 8: val x0 mse {trained['val_x0_mse']:.4g} (t=999: ")
+
+
+def test_rolled_video_is_another_examples():
+    from sabr_jax.trainer import roll_video
+
+    batch = {"video": np.arange(3)[:, None] * np.ones((3, 4)), "frame_mask": np.eye(3, 4, dtype=bool)}
+    rolled = roll_video(batch)
+    np.testing.assert_array_equal(rolled["video"][:, 0], [2, 0, 1])
+    assert rolled["frame_mask"] is batch["frame_mask"]
+
+
+def test_empty_validation_split_skips_evaluation(monkeypatch):
+    from sabr_jax import loop
+
+    messages = []
+    monkeypatch.setattr(loop, "open_source", lambda cfg, split: ([], None))
+    assert loop.validation(tiny_cfg(2, 100, eval_every=1), None, None, None, messages.append) is None
+    assert "no clips" in messages[0]
 
 
 def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, reference):
@@ -170,8 +219,8 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch, capsys, mode):
     else:
         assert result["status"] == "done" and result["step"] == 5
         assert mngr.all_steps() == [2, 4, 5]
-        records = {r["step"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
-        assert records[3]["skipped"] == 1 and records[4]["skipped"] == 0
+        logged = records(tmp_path)
+        assert logged[3]["skipped"] == 1 and logged[4]["skipped"] == 0
     state, _, _ = checkpoint.restore(mngr, trainer.abstract_state())
     mngr.close()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

@@ -25,7 +25,7 @@ def tiny_config(**mesh):
     cfg = demo_config()
     cfg.batch_size = 8
     cfg.model.update(width=32, heads=4, depth=2, video_dim=16)
-    cfg.data.update(max_frames=16, context_frames=4, num_patches=4, num_clips=16, min_clip_frames=8, max_clip_frames=24)
+    cfg.data.update(max_frames=16, context_frames=4, num_patches=8, num_clips=16, min_clip_frames=8, max_clip_frames=24)
     cfg.optim.update(lr=1e-2, warmup_steps=0)
     cfg.ema_decay = 0.9
     cfg.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **mesh})

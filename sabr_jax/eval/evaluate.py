@@ -1,0 +1,291 @@
+"""`sabr-eval`: the paper's metrics for an exported model on the held-out clips of a dataset.
+
+    sabr-eval --checkpoint EXPORT_DIR --data_dir DATA --out OUT [--split validation]
+              [--steps K] [--method ddpm|ddim] [--seed S] [--max_clips N] [--batch_size B]
+
+EXPORT_DIR is what `sabr-train --export` (or sabr-demo) writes; DATA is the --data_dir of
+sabr-prepare. Every held-out clip is scored whole, from its first frame, with its route
+images as the prompt, against five motions (the rows of the table):
+
+    model           sampled from the clip's own video and route tokens
+    mean_motion     the training set's mean motion vector in every frame
+    random_clip     the motion of a random training clip (seeded), cut to the clip's
+                    length or padded by repeating its last frame
+    shuffled_video  the model sampled from another held-out clip's video and route tokens
+                    (clip i gets those of clip i+1 mod N, cut/padded to clip i's length),
+                    with clip i's masks and the same noise as `model`: if it scores as
+                    well as `model`, the model does not use the video
+    ground_truth    the true motion: movement MSE 0; its adherence is the ceiling the
+                    annotations allow
+
+Movement MSE is reported in normalised units (the dataset's train-split NormStats; 1.0
+is predicting the mean) and raw 161-value units (the paper's); route adherence and
+distractors touched follow sabr_jax.eval.metrics (clips need holds annotations). OUT
+gets metrics.json, metrics.csv (one line per row and clip), adherence.png and
+samples.npz (the model's motions: raw [T, 161], motion frames only, keyed by clip id).
+
+Frame alignment with holds.json's `view`: motion frame t of a clip (or of a part of a
+clip longer than sabr-prepare's --max_seconds) is taken as 24-FPS frame
+source_frames[0] + t. That holds when the tracker saw the climber in every frame;
+sabr-prepare drops the frames where it did not, which shifts later frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sabr_jax import checkpoint
+from sabr_jax.data import pipeline
+from sabr_jax.data.tfds_builder import INDEX_FILE
+from sabr_jax.data.tfds_source import TfdsClips, open_tfds
+from sabr_jax.eval import metrics as M
+from sabr_jax.eval.plots import plot_adherence
+from sabr_jax.sampling import make_sampler
+from sabr_jax.trainer import build_model
+
+ROWS = ("model", "mean_motion", "random_clip", "shuffled_video", "ground_truth")
+SAMPLED = ("model", "shuffled_video")
+PER_VIDEO = ("movement_mse", "movement_mse_raw", "route_adherence", "route_touched", "route_holds",
+             "distractors_touched", "distractor_holds")
+TIME_MULTIPLE = 8  # time positions are rounded up to a multiple of this (one compile for all clips)
+
+
+def fit(frames: np.ndarray, length: int) -> np.ndarray:
+    """frames [n, ...] cut to `length` rows, or padded by repeating the last row (zeros if n = 0)."""
+    if len(frames) >= length:
+        return frames[:length]
+    last = frames[-1:] if len(frames) else np.zeros((1, *frames.shape[1:]), frames.dtype)
+    return np.concatenate([frames, np.repeat(last, length - len(frames), axis=0)])
+
+
+def load_model(export_dir: str, steps: int | None = None, method: str | None = None):
+    """-> (params, cfg, the checkpoint's NormStats, sampler) of an export; steps/method override cfg.sample."""
+    params, meta = checkpoint.load_export(export_dir)
+    if "config" not in meta or "norm_stats" not in meta:
+        raise ValueError(f"{export_dir}: the export's meta lacks 'config' or 'norm_stats' (not written by sabr-train --export?)")
+    cfg, stats = checkpoint.read_meta(meta)
+    if steps is not None:
+        cfg.sample.steps = steps
+    if method is not None:
+        cfg.sample.method = method
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0)))
+    return params, cfg, stats, make_sampler(graphdef, cfg)
+
+
+def _holds(source: TfdsClips, index: int) -> M.Holds | None:
+    raw = source.clips[index].get("holds")
+    where = f"{source.path / INDEX_FILE}: split {source.split!r}, clip {source.clip_id(index)!r}, field 'holds' (from its holds.json)"
+    return None if raw is None else M.Holds.from_json(raw, where)
+
+
+def _score(pred, truth, stats, holds, first_frame, radius_scale, min_frames, joint_pixels) -> dict:
+    """The per-video figures of one motion pred [T, 161] (raw) against truth [T, 161]."""
+    out = {"movement_mse": M.movement_mse(pred, truth, stats), "movement_mse_raw": M.movement_mse(pred, truth)}
+    if holds is None:
+        return out | {k: None for k in PER_VIDEO[2:]}
+    frames = first_frame + np.arange(len(pred))
+    return out | M.route_adherence(pred, holds, frames, radius_scale=radius_scale, min_frames=min_frames, joint_pixels=joint_pixels)
+
+
+def _sample(source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed):
+    """Sample the `model` and `shuffled_video` rows of clips 0..len(lengths)-1, whole, from their first frame.
+
+    Returns (true motions, {row: sampled motions}), each a list over clips of raw [T, 161]
+    motion frames. Clip i's shuffled_video example has the video and route tokens of clip
+    i+1 (mod n) fitted to clip i's masks, and the same key as its model example.
+    """
+    n = len(lengths)
+    truths, sampled = [None] * n, {row: [None] * n for row in SAMPLED}
+    batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
+    with tqdm(total=2 * len(batches), desc="sabr-eval sampling", unit="batch") as progress:
+        for b, indices in enumerate(batches):
+            clips = {i: source.read(i, 0, lengths[i]) for i in indices + [(indices[-1] + 1) % n]}
+            own, shuffled = [], []
+            for i in indices:
+                truths[i], other = clips[i]["motion"], clips[(i + 1) % n]
+                own.append(pipeline.assemble(clips[i], positions, contexts[i], model_stats))
+                swapped = {"motion": truths[i], "video": fit(other["video"], lengths[i]), "context": fit(other["context"], contexts[i])}
+                shuffled.append(pipeline.assemble(swapped, positions, contexts[i], model_stats))
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), b)
+            for row, examples in zip(SAMPLED, (own, shuffled)):
+                examples = examples + [examples[0]] * (batch_size - len(examples))  # a full batch: one compile
+                batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+                motion = model_stats.denormalize(np.asarray(sampler(params, batch, key), np.float32))
+                for r, i in enumerate(indices):
+                    sampled[row][i] = motion[r, contexts[i] : contexts[i] + lengths[i]]
+                progress.update()
+    return truths, sampled
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate(
+    export_dir: str,
+    data_dir: str,
+    out_dir: str,
+    *,
+    split: str = "validation",
+    steps: int | None = None,
+    method: str | None = None,
+    seed: int = 0,
+    max_clips: int | None = None,
+    batch_size: int = 4,
+    radius_scale: float = M.RADIUS_SCALE,
+    min_frames: int = M.MIN_FRAMES,
+    joint_pixels: M.JointPixels | None = None,
+    log=print,
+) -> dict:
+    """Score an export on a split of a prepared dataset; write OUT's files; return metrics.json's dict.
+
+    steps / method override the export's cfg.sample; seed drives the sampling noise and
+    the random_clip choice; batch_size clips are sampled at once; joint_pixels replaces
+    sabr_jax.camera.joint_pixels (e.g. with a SMPL body model).
+    """
+    if batch_size < 1 or (max_clips is not None and max_clips < 1) or (steps is not None and steps < 1):
+        raise ValueError(f"batch_size, max_clips and steps must be >= 1, got {batch_size}, {max_clips}, {steps}")
+    start_time = time.time()
+    params, cfg, model_stats, sampler = load_model(export_dir, steps, method)
+    source, stats = open_tfds(data_dir, split, cfg=cfg)
+    train = source if split == "train" else TfdsClips(data_dir, "train")
+    n = len(source) if max_clips is None else min(len(source), max_clips)
+    if n == 0:
+        raise ValueError(f"{source.path}: split {split!r} has no clips to evaluate")
+    if len(train) == 0:
+        raise ValueError(f"{source.path}: the train split has no clips (the random_clip row draws from it)")
+    notes = []
+    if not (np.allclose(model_stats.mean, stats.mean, atol=1e-5) and np.allclose(model_stats.std, stats.std, atol=1e-5)):
+        notes.append("the export's normalisation statistics differ from this dataset's train split: was it trained on other data?")
+    if n == 1:
+        notes.append("one clip only: shuffled_video uses the clip's own video (it equals model)")
+    holds = [_holds(source, i) for i in range(n)]
+    annotated = sum(h is not None for h in holds)
+    if annotated == 0:
+        notes.append(f"no holds annotations in split {split!r} of {source.path}: route adherence is null (add holds.json "
+                     "to the clips and rerun sabr-prepare)")
+    elif annotated < n:
+        notes.append(f"{n - annotated} of {n} clips have no holds annotations: route adherence averages the other {annotated}")
+
+    contexts = [min(source.num_context(i), cfg.data.context_frames) for i in range(n)]
+    lengths = [source.num_frames(i) for i in range(n)]
+    positions = -(-max(c + t for c, t in zip(contexts, lengths)) // TIME_MULTIPLE) * TIME_MULTIPLE
+    batch_size = min(batch_size, n)
+    log(f"evaluating {n} clips of split {split!r} ({source.path}): {positions} time positions, "
+        f"{cfg.sample.steps} {cfg.sample.method} steps, batches of {batch_size}")
+    truths, sampled = _sample(source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed)
+
+    rng = np.random.default_rng(seed)
+    rows = {row: [] for row in ROWS}
+    for i in range(n):
+        clip_id = source.clip_id(i)
+        others = [j for j in range(len(train)) if train.clip_id(j) != clip_id] or list(range(len(train)))
+        j = int(rng.choice(others))
+        random_motion = train.read(j, 0, min(lengths[i], train.num_frames(j)))["motion"]
+        motions = {
+            "model": sampled["model"][i],
+            "mean_motion": np.broadcast_to(stats.mean, truths[i].shape),
+            "random_clip": fit(random_motion, lengths[i]),
+            "shuffled_video": sampled["shuffled_video"][i],
+            "ground_truth": truths[i],
+        }
+        first_frame = source.clips[i].get("source_frames", [0])[0]
+        for row in ROWS:
+            scores = _score(motions[row], truths[i], stats, holds[i], first_frame, radius_scale, min_frames, joint_pixels)
+            rows[row].append({"clip_id": clip_id, "frames": lengths[i], **scores})
+
+    result = {
+        "rows": {
+            row: {
+                "movement_mse": _mean(v["movement_mse"] for v in videos),
+                "movement_mse_raw": _mean(v["movement_mse_raw"] for v in videos),
+                "route_adherence": _mean(v["route_adherence"] for v in videos),
+                "distractors_touched": _mean(v["distractors_touched"] for v in videos),
+                "per_video": videos,
+            }
+            for row, videos in rows.items()
+        },
+        "settings": {
+            "export_dir": os.path.abspath(export_dir), "dataset": str(source.path), "split": split, "clips": n,
+            "steps": cfg.sample.steps, "method": cfg.sample.method, "seed": seed, "batch_size": batch_size,
+            "time_positions": positions, "context_frames": cfg.data.context_frames,
+            "radius_scale": radius_scale, "min_frames": min_frames,
+            "normalisation": "the dataset's train-split NormStats", "seconds": round(time.time() - start_time, 1),
+            "notes": notes,
+        },
+    }
+    _write(out_dir, result, {source.clip_id(i): sampled["model"][i] for i in range(n)}, log)
+    log(format_table(result))
+    for note in notes:
+        log(f"note: {note}")
+    return result
+
+
+def _write(out_dir: str, result: dict, samples: dict, log) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "clip_id", "frames", *PER_VIDEO])
+        for row, summary in result["rows"].items():
+            for v in summary["per_video"]:
+                writer.writerow([row, v["clip_id"], v["frames"], *("" if v[k] is None else v[k] for k in PER_VIDEO)])
+    plot_adherence(result, os.path.join(out_dir, "adherence.png"))
+    np.savez(os.path.join(out_dir, "samples.npz"), **samples)
+    log(f"wrote metrics.json, metrics.csv, adherence.png, samples.npz to {os.path.abspath(out_dir)}")
+
+
+def format_table(result: dict) -> str:
+    """The console table: one line per row, means over the videos."""
+    columns = (("movement_mse", "movement MSE", ".4f"), ("movement_mse_raw", "MSE (raw)", ".5f"),
+               ("route_adherence", "route adherence", ".3f"), ("distractors_touched", "distractors touched", ".2f"))
+    lines = [f"{'row':<16}" + "".join(f"{title:>21}" for _, title, _ in columns)]
+    for row, summary in result["rows"].items():
+        cells = ("null" if summary[k] is None else format(summary[k], spec) for k, _, spec in columns)
+        lines.append(f"{row:<16}" + "".join(f"{c:>21}" for c in cells))
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sabr-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="an exported model folder (sabr-train --export DIR, or sabr_demo/export)")
+    p.add_argument("--data_dir", required=True, help="a prepared dataset (the --data_dir of sabr-prepare)")
+    p.add_argument("--out", required=True, help="output folder for metrics.json, metrics.csv, adherence.png, samples.npz")
+    p.add_argument("--split", default="validation", help="the split to evaluate (default validation)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the export's config, sample.steps)")
+    p.add_argument("--method", choices=("ddpm", "ddim"), default=None, help="sampler (default: the export's sample.method)")
+    p.add_argument("--seed", type=int, default=0, help="sampling noise and random_clip choice (default 0)")
+    p.add_argument("--max_clips", type=int, default=None, help="evaluate only the first N clips of the split")
+    p.add_argument("--batch_size", type=int, default=4, help="clips sampled at once (default 4)")
+    p.add_argument("--radius_scale", type=float, default=M.RADIUS_SCALE, help=f"touch radius in hold radii (default {M.RADIUS_SCALE})")
+    p.add_argument("--min_frames", type=int, default=M.MIN_FRAMES, help=f"frames near a hold that make a touch (default {M.MIN_FRAMES})")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        evaluate(
+            args.checkpoint, args.data_dir, args.out, split=args.split, steps=args.steps, method=args.method, seed=args.seed,
+            max_clips=args.max_clips, batch_size=args.batch_size, radius_scale=args.radius_scale, min_frames=args.min_frames,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sabr-eval: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
