@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum = 1  # micro-batches per step (the global batch is split into them)
     c.ema_decay = 0.9999
     c.cond_drop_prob = 0.0  # > 0 trains the unconditional branch for classifier-free guidance
+    c.placement_weight = 1.0  # weight of the bbox and camera features (7 of 161) in the x0 loss; the rest weigh 1
     c.on_nonfinite = "stop"  # a step with a non-finite loss or gradient: 'stop' or 'skip' it
     c.peak_flops_per_device = 0.0  # FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0: no MFU
 
@@ -29,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         video_dim=384,  # video-token width: the DINOv2 width (S 384, B 768, L 1024)
         cross_window=0,  # slots layout: frame t cross-attends to the tokens of frames t-w..t+w
         cross_route=False,  # every frame also cross-attends to the route images' tokens (the first data.context_frames positions)
+        route_adaln=False,  # the route images' tokens, pooled by attention to one vector, join the timestep in every adaLN
         patch_grid=(),  # (rows, cols) of the video tokens (DINOv2's 20x35; (10, 18) with --pool 2): a fixed 2D
         # sin-cos position is added to them, so that the model knows where a token is; () adds none (the authors' model)
         video_norm=False,  # standardise each channel of a frame's video tokens over its patches (what differs between them)
@@ -98,23 +100,24 @@ def synthclimb_config(demo: bool = True) -> ml_collections.ConfigDict:
         pool=2,  # sabr-prepare --pool: 2x2 average pooling of the patch tokens (8x14 -> 4x7 = 28 per frame)
         pan=False,  # slow camera pan/zoom
     ))
-    c.total_steps = 1500
-    c.log_every = 50
-    c.eval_every = 250
+    c.total_steps = 2000
+    c.log_every = 100
+    c.eval_every = 500
     c.checkpoint_every = 500
+    c.placement_weight = 20.0
     c.batch_size = 8
     c.ema_decay = 0.995
     c.model.update(layout="frame", width=64, heads=4, depth=4, video_dim=32, dtype="float32", remat="none", patch_grid=(4, 7),
-                   cross_route=True, video_norm=True)
+                   cross_route=True, route_adaln=True, video_norm=True)
     c.optim.update(lr=1e-3, warmup_steps=100, clip_norm=1.0)
     c.sample.update(steps=50)
     c.data.update(source="tfds", max_frames=80, context_frames=2, num_patches=28)
-    if not demo:
-        c.synth.update(clips=256)
+    if not demo:  # about an hour on 2 CPU cores (estimated from the demo's step time; not yet run)
+        c.synth.update(clips=512, validation_fraction=0.1)
         c.total_steps = 6000
-        c.eval_every = 500
+        c.eval_every = 1000
         c.checkpoint_every = 1000
-        c.model.update(width=128, heads=4, depth=6)
+        c.model.update(width=96, heads=4, depth=4)
         c.sample.update(steps=100)
     return c
 

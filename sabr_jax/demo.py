@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -82,7 +83,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from sabr_jax.eval.evaluate import evaluate, format_table
+    from sabr_jax.eval.evaluate import evaluate
     from sabr_jax.eval.plots import plot_losses
     from sabr_jax.loop import train
 
@@ -104,10 +105,8 @@ def main(argv) -> None:
     plot_losses(os.path.join(train_dir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
 
     eval_dir = os.path.join(workdir, "eval")
+    print("\nsabr-eval on the held-out walls:")
     metrics = evaluate(export_dir, data_dir, eval_dir, seed=cfg.seed)
-    print(f"\nheld-out walls ({len(metrics['rows']['model']['per_video'])} clips), "
-          f"{metrics['settings']['steps']} {metrics['settings']['method']} sampling steps:")
-    print(format_table(metrics))
     print(f"\ndone in {(time.time() - start) / 60:.1f} min. Outputs:")
     for path, what in [
         ("clips", "SynthClimb clips (video.mp4, context/*.png, tracks.pkl, holds.json)"),
@@ -126,7 +125,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. absl's --help lists the flags of the module argv[0] names."""
+    sys.argv[0] = __name__
     app.run(main)
 
 

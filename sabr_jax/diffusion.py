@@ -110,8 +110,11 @@ class GaussianDiffusion:
         return (x_t - at_step(self.sqrt_alphas_cumprod, t, x_t) * x0_pred) / at_step(self.sqrt_one_minus_alphas_cumprod, t, x_t)
 
     # -------------------------------------------------------------- training loss
-    def loss(self, model_out, x0, x_t, t, mask):
+    def loss(self, model_out, x0, x_t, t, mask, feature_weights=None):
         """ADM hybrid loss: masked MSE on x0 plus L_vlb for the variance.
+
+        feature_weights [F] (optional) weighs the features in the x0 term of the loss, as
+        sum(w * err^2) / sum(w); the returned "mse" term is always the plain mean.
 
         The L_vlb term sees the predicted mean through a stop-gradient, so it trains only
         the variance. At step 0 it is the Gaussian negative log-likelihood of x0 under
@@ -129,7 +132,11 @@ class GaussianDiffusion:
         first = (t == 0).reshape(-1, *([1] * (x0.ndim - 1)))
         vlb = jnp.mean(jnp.where(first, nll, kl), axis=-1) / math.log(2.0)  # [B, L]
         terms = {"mse": masked_mean(mse, mask), "vlb": masked_mean(vlb, mask)}
-        return terms["mse"] + terms["vlb"], terms
+        fit = terms["mse"]
+        if feature_weights is not None:
+            w = jnp.asarray(feature_weights, jnp.float32)
+            fit = masked_mean(jnp.sum(w * jnp.square(x0_pred - x0), axis=-1) / jnp.sum(w), mask)
+        return fit + terms["vlb"], terms
 
 
 def at_step(array: np.ndarray, t, like):

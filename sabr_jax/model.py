@@ -21,9 +21,11 @@ attention and their outputs are zero.
 
 Options beyond the paper (off in the paper configs, on for SynthClimb; see README):
 `patch_grid` adds a fixed 2D sin-cos position to the video tokens (the model otherwise has
-no way to tell where a token sits in the frame); `route_frames` lets every frame's
-frame-aligned cross-attention also read the route images' tokens; `video_norm`
-standardises each channel of a frame's tokens over its patches.
+no way to tell where a token sits in the frame); `cross_route` lets every frame's
+frame-aligned cross-attention also read the route images' tokens (the first `route_frames`
+positions); `route_adaln` pools the route images' tokens into one vector (attention with a
+learned query) that joins the timestep embedding in every adaLN, as DiT conditions on a
+class label; `video_norm` standardises each channel of a frame's tokens over its patches.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     video_dim: int = 384  # width of the video tokens (the DINOv2 width)
     cross_window: int = 0  # slots layout: frame t cross-attends to frames t-w..t+w
-    route_frames: int = 0  # > 0: every frame also cross-attends to the tokens of the first N positions (the route)
+    route_frames: int = 0  # the first N positions hold the route images (the context frames), for the two options below
+    cross_route: bool = False  # every frame also cross-attends to the route images' tokens
+    route_adaln: bool = False  # the route images, pooled to one vector, condition every adaLN with the timestep
     patch_grid: tuple[int, int] | None = None  # (rows, cols) of the video tokens: adds a fixed 2D sin-cos position
     video_norm: bool = False  # standardise each channel of a frame's video tokens over its patches
     dtype: str = "float32"  # compute dtype; parameters are always float32
@@ -74,8 +78,8 @@ class DiTConfig:
             raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.cross_window and self.layout == "frame":
             raise ValueError("model.cross_window applies to layout='slots' only")
-        if self.route_frames < 0:
-            raise ValueError(f"the number of route frames must be >= 0, got {self.route_frames}")
+        if (self.cross_route or self.route_adaln) and self.route_frames < 1:
+            raise ValueError(f"cross_route and route_adaln need route_frames >= 1, got {self.route_frames}")
         if self.patch_grid is not None and (len(self.patch_grid) != 2 or min(self.patch_grid) < 1):
             raise ValueError(f"model.patch_grid must be (rows, cols) of positive ints or None, got {self.patch_grid!r}")
 
@@ -256,7 +260,7 @@ class Block(nnx.Module):
             mask = None
             if self.cfg.cross_window:
                 (k, mask), (v, _) = window(k, frame_mask, self.cfg.cross_window), window(v, frame_mask, self.cfg.cross_window)
-            if self.cfg.route_frames:
+            if self.cfg.cross_route:
                 n = self.cfg.route_frames
                 out = attend_with_route(q, k, v, mask, kv[0][:, :n], kv[1][:, :n], route_mask)
                 return self.cross_out(rearrange(out, "b l s h d -> b l s (h d)"))
@@ -275,7 +279,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, c, kv, frame_mask, route_mask=None):
         """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask [B, L];
-        route_mask [B, route_frames] True on the route images (with `route_frames` > 0)."""
+        route_mask [B, route_frames] True on the route images (with `cross_route`)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
         x = x + gate1[:, None, None] * self.self_attention(modulate(self.norm1(x), shift1, scale1), frame_mask)
         x = x + self.cross_attention(self.norm2(x), kv, frame_mask, route_mask)
@@ -301,6 +305,27 @@ class BlockPair(nnx.Module):
     def __call__(self, x, c, kv, frame_mask, route_mask=None):
         x = self.spatial(x, c, kv[0], frame_mask, route_mask)
         return self.temporal(x, c, kv[1], frame_mask, route_mask)
+
+
+class RouteEmbedder(nnx.Module):
+    """The route images' tokens -> one vector [B, D]: attention from learned queries (one per
+    head) over every route token, then a projection. Zero-initialised output: it starts as no
+    conditioning at all."""
+
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        self.num_heads = cfg.heads
+        self.query = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.heads, cfg.width // cfg.heads)))
+        self.kv = dense(cfg, cfg.width, 2 * cfg.width, ("embed", "heads"), rngs)
+        self.out = dense(cfg, cfg.width, cfg.width, ("heads", "embed"), rngs, init=zeros)
+        self.attention = cfg.attention
+
+    def __call__(self, route_emb: jax.Array, route_mask: jax.Array) -> jax.Array:
+        """route_emb [B, C, P, D] (from `DiT.embed_video`), route_mask [B, C] -> [B, D]."""
+        k, v = (rearrange(a, "b c p (h d) -> b (c p) h d", h=self.num_heads) for a in jnp.split(self.kv(route_emb), 2, -1))
+        q = jnp.broadcast_to(self.query.astype(k.dtype), (k.shape[0], 1, *self.query.shape))
+        mask = repeat(route_mask, "b c -> b (c p)", p=route_emb.shape[2])
+        out = dot_product_attention(q, k, v, mask, implementation=self.attention)
+        return self.out(rearrange(out, "b 1 h d -> b (h d)"))
 
 
 class FinalLayer(nnx.Module):
@@ -358,6 +383,7 @@ class DiT(nnx.Module):
         self.video_embedder = dense(cfg, cfg.video_dim, d, ("video", "embed"), rngs)
         self.null_video = nnx.Param(init(rngs.params(), (d,)))
         self.blocks = self._make_blocks(cfg, rngs)
+        self.route_embedder = RouteEmbedder(cfg, rngs) if cfg.route_adaln else None
         self.final_layer = FinalLayer(cfg, rngs)
 
     @staticmethod
@@ -415,18 +441,33 @@ class DiT(nnx.Module):
         tokens = jnp.where(context_mask[:, :, None, None], prompt, tokens)
         return tokens + sincos_embedding(x.shape[1], self.cfg.width)[None, :, None].astype(dtype)
 
-    def __call__(self, x, t, frame_mask, context_mask, *, video_emb=None, kv=None):
+    def route_vector(self, video_emb: jax.Array, context_mask: jax.Array) -> jax.Array | None:
+        """The route conditioning [B, D] with `route_adaln` (else None), from video_emb
+        [B, L, P, D]; with `kv`, the sampler computes it once per video and passes `route`."""
+        if self.route_embedder is None:
+            return None
+        n = self.cfg.route_frames
+        return self.route_embedder(video_emb[:, :n], context_mask[:, :n])
+
+    def __call__(self, x, t, frame_mask, context_mask, *, video_emb=None, kv=None, route=None):
         """Predict x0 and the variance value.
 
         x [B, L, 161] noisy normalised motion (ignored at context and padded positions);
         t [B] diffusion steps on the 1000-step scale; frame_mask [B, L] True on real
         (context or motion) frames; context_mask [B, L] True on context frames. Give
-        video_emb [B, L, P, D] from `embed_video` or kv from `video_kv`.
+        video_emb [B, L, P, D] from `embed_video` or kv from `video_kv` (then, with
+        `route_adaln`, also route from `route_vector`).
         Returns [B, L, 322] float32, zero on padded frames.
         """
         if (video_emb is None) == (kv is None):
             raise ValueError("DiT: give exactly one of video_emb and kv")
         c = self.t_embedder(t).astype(self.cfg.compute_dtype)
+        if self.route_embedder is not None:
+            if route is None:
+                if video_emb is None:
+                    raise ValueError("DiT with route_adaln: pass route=model.route_vector(video_emb, context_mask) with kv")
+                route = self.route_vector(video_emb, context_mask)
+            c = c + route.astype(c.dtype)
         h = self.embed_motion(x, context_mask)
         route_mask = context_mask[:, : self.cfg.route_frames] if self.cfg.route_frames else None
         policy = REMAT_POLICIES[self.cfg.remat]

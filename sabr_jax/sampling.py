@@ -95,7 +95,7 @@ def denoiser(graphdef, params, video, frame_mask, context_mask, *, guidance_scal
     def bind(drop):
         model = nnx.merge(graphdef, params)
         emb = model.embed_video(video, jnp.full(video.shape[:1], drop))
-        cond = {"kv": model.video_kv(emb)} if cache_kv else {"video_emb": emb}
+        cond = {"kv": model.video_kv(emb), "route": model.route_vector(emb, context_mask)} if cache_kv else {"video_emb": emb}
         return lambda x, t: nnx.merge(graphdef, params)(x, t, frame_mask, context_mask, **cond)
 
     if guidance_scale == 1.0:

@@ -16,11 +16,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sabr_jax import sharding
+from sabr_jax import motion, sharding
 from sabr_jax.diffusion import GaussianDiffusion, space_timesteps
 from sabr_jax.model import DiT, DiTConfig
 
@@ -31,7 +32,7 @@ EVAL_TIMESTEPS = 8
 def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
     fields = dict(cfg.model)
     fields["attention"] = None if fields["attention"] == "auto" else fields["attention"]
-    fields["route_frames"] = cfg.data.context_frames if fields.pop("cross_route") else 0
+    fields["route_frames"] = cfg.data.context_frames
     fields["patch_grid"] = tuple(fields["patch_grid"]) if fields["patch_grid"] else None
     return DiTConfig(**fields)
 
@@ -158,7 +159,17 @@ class Trainer:
         drop = rand["drop"] if self.cfg.cond_drop_prob > 0 else None
         model = self.model(params)
         out = model(x_t, t, frame_mask, context_mask, video_emb=model.embed_video(batch["video"], drop))
-        return self.diffusion.loss(out, x0, x_t, t, frame_mask & ~context_mask)
+        return self.diffusion.loss(out, x0, x_t, t, frame_mask & ~context_mask, self.feature_weights)
+
+    @functools.cached_property
+    def feature_weights(self) -> np.ndarray | None:
+        """[161] weights of the x0 term: `placement_weight` on the bbox and camera features (where
+        the body is in the frame), 1 on the rest; None when placement_weight is 1."""
+        if self.cfg.placement_weight == 1.0:
+            return None
+        weights = np.ones(motion.MOTION_DIM, np.float32)
+        weights[motion.BBOX.start : motion.CAMERA.stop] = self.cfg.placement_weight
+        return weights
 
     def eval_step(self, params, batch: dict, key) -> dict:
         """Validation figures of one batch: masked x0 MSE (normalised units; 1.0 = predicting

@@ -91,3 +91,18 @@ def test_masked_mean_of_empty_example():
 
 def test_linear_betas_other_lengths_scale():
     np.testing.assert_allclose(linear_betas(100)[[0, -1]], [1e-3, 0.2])
+
+
+def test_feature_weights_reweigh_the_fit_but_not_the_reported_mse():
+    d = GaussianDiffusion.create(100)
+    rng = np.random.default_rng(0)
+    x0, x_t = (jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32) for _ in range(2))
+    out = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    t, mask = jnp.array([3, 50]), jnp.ones((2, 5), bool)
+    plain, terms = d.loss(out, x0, x_t, t, mask)
+    same, _ = d.loss(out, x0, x_t, t, mask, np.ones(4, np.float32))
+    np.testing.assert_allclose(same, plain, rtol=1e-6)
+    only_first, weighted = d.loss(out, x0, x_t, t, mask, np.array([1.0, 0, 0, 0], np.float32))
+    np.testing.assert_allclose(weighted["mse"], terms["mse"])  # the logged figure stays the plain mean
+    first_err = masked_mean(jnp.square(out[..., :1] - x0[..., :1])[..., 0], mask)
+    np.testing.assert_allclose(only_first, first_err + terms["vlb"], rtol=1e-5)

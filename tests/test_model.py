@@ -12,9 +12,9 @@ from sabr_jax.trainer import model_config
 LAYOUTS = [
     ("slots", {}),
     ("slots", {"cross_window": 1}),
-    ("slots", {"route_frames": 2, "patch_grid": (1, 3)}),
+    ("slots", {"route_frames": 2, "cross_route": True, "route_adaln": True, "patch_grid": (1, 3), "video_norm": True}),
     ("frame", {}),
-    ("frame", {"route_frames": 2, "patch_grid": (3, 1)}),
+    ("frame", {"route_frames": 2, "cross_route": True, "route_adaln": True, "patch_grid": (3, 1)}),
 ]
 
 
@@ -61,7 +61,8 @@ def test_cached_keys_values_match(layout, extra):
     batch = tiny_batch()
     emb = model.embed_video(jnp.asarray(batch["video"]))
     args = (jnp.asarray(batch["motion"]), jnp.array([3, 600]), batch["frame_mask"], batch["context_mask"])
-    np.testing.assert_allclose(model(*args, kv=model.video_kv(emb)), model(*args, video_emb=emb), rtol=1e-5, atol=1e-6)
+    cached = model(*args, kv=model.video_kv(emb), route=model.route_vector(emb, batch["context_mask"]))
+    np.testing.assert_allclose(cached, model(*args, video_emb=emb), rtol=1e-5, atol=1e-6)
 
 
 def test_remat_and_bf16_run_and_agree():

@@ -26,7 +26,7 @@ def plot_adherence(metrics: dict, path) -> None:
     holds annotations have no bar; with none at all the figure says so."""
     rows = metrics["rows"]
     clip_ids = [v["clip_id"] for v in next(iter(rows.values()))["per_video"]]
-    fig = Figure(figsize=(max(6.0, 0.6 * len(clip_ids) * len(rows) / 2 + 2), 4.0))
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.3 * len(clip_ids) * len(rows) / 2 + 2)), 4.0))  # at most 16 in wide
     ax = fig.add_subplot()
     width = 0.8 / len(rows)
     x = np.arange(len(clip_ids))
