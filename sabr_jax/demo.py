@@ -60,7 +60,7 @@ def write_benchmark(cfg, workdir: str, encoder: str, log=print) -> str:
         validation_fraction=s.validation_fraction, split_seed=cfg.seed, seed=cfg.seed, min_frames=8,
     )
     start = time.time()
-    report = prepare.prepare(clips_dir, data_dir, settings, log=lambda m: logging.info(m))
+    report = prepare.prepare(clips_dir, data_dir, settings, log=logging.info)
     if report.get("error"):
         raise RuntimeError(f"sabr-prepare failed: {report['error']} (see {os.path.join(data_dir, prepare.REPORT)})")
     splits = report["dataset"]["splits"]
