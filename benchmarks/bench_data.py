@@ -30,10 +30,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import grain  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sabr_jax.data import pipeline  # noqa: E402
+from sabr_jax.data import (
+    pipeline,  # noqa: E402
+    tfds_source,  # noqa: E402
+)
 from sabr_jax.data import prepare as P  # noqa: E402
 from sabr_jax.data import prepared as prep  # noqa: E402
-from sabr_jax.data import tfds_source  # noqa: E402
+from sabr_jax.data.prepare_settings import Settings  # noqa: E402
 from sabr_jax.data.video import pool_tokens  # noqa: E402
 from sabr_jax.motion import MOTION_DIM  # noqa: E402
 
@@ -56,10 +59,16 @@ def write_dataset(
                 m = min(64, n - start)
                 tokens = rng.standard_normal((m, grid[0] * grid[1], dim), np.float32)
                 writer.append(name, pool_tokens(tokens, grid, pool)[0])
-        settings = P.Settings(encoder="random-s", precision=precision, pool=pool, validation_fraction=0.0)
+        settings = Settings(encoder="random-s", precision=precision, pool=pool, validation_fraction=0.0)
         meta = {
-            "clip_id": clip_id, "num_frames": frames, "num_context": context, "num_patches": pgrid[0] * pgrid[1],
-            "video_dim": dim, "dtype": precision, "grid": list(pgrid), "settings": settings.clip_fingerprint(),
+            "clip_id": clip_id,
+            "num_frames": frames,
+            "num_context": context,
+            "num_patches": pgrid[0] * pgrid[1],
+            "video_dim": dim,
+            "dtype": precision,
+            "grid": list(pgrid),
+            "settings": settings.clip_fingerprint(),
             "created": 0.0,
         }
         writer.commit(rng.standard_normal((frames, MOTION_DIM)).astype(np.float32), meta)
@@ -96,7 +105,9 @@ def throughput(ds, batch_size: int, seconds: float, warmup: int = 2) -> tuple[fl
 
 def bench_pipeline(tmp: Path, seconds: float) -> None:
     print("\n## Pipeline throughput (TFDS source -> Grain batches), examples/s on this host\n")
-    print("| shapes | P | Dv | max_frames | batch | tokens | MB/example | read options | workers | examples/s | frames/s |")
+    print(
+        "| shapes | P | Dv | max_frames | batch | tokens | MB/example | read options | workers | examples/s | frames/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     cases = [
         # name, P grid, pool, Dv, max_frames, context, clip frames, clips, batch, variants
@@ -106,13 +117,23 @@ def bench_pipeline(tmp: Path, seconds: float) -> None:
     ]
     for name, grid, pool, dim, max_frames, context, frames, clips, batch, variants in cases:
         data_dir = tmp / f"pipe-{name.replace(' ', '_')}"
-        path = write_dataset(data_dir, clips=clips, frames=frames, context=context, dim=dim, pool=pool, precision="bfloat16", grid=grid)
+        path = write_dataset(
+            data_dir, clips=clips, frames=frames, context=context, dim=dim, pool=pool, precision="bfloat16", grid=grid
+        )
         source, stats = tfds_source.open_tfds(path, "train")
         mb = max_frames * source.num_patches * dim * 2 / 1e6
         for variant in variants:
             for workers in (0, 2):
                 make = pipeline.dataset if variant == "stock" else bounded_dataset
-                ds = make(source, stats=stats, max_frames=max_frames, context_frames=context, batch_size=batch, seed=0, num_workers=workers)
+                ds = make(
+                    source,
+                    stats=stats,
+                    max_frames=max_frames,
+                    context_frames=context,
+                    batch_size=batch,
+                    seed=0,
+                    num_workers=workers,
+                )
                 rate, _ = throughput(ds, batch, seconds)
                 print(
                     f"| {name} | {source.num_patches} | {dim} | {max_frames} | {batch} | bf16 | {mb:.1f} | {variant} | {workers} "
@@ -125,13 +146,17 @@ def bench_pipeline(tmp: Path, seconds: float) -> None:
 
 def bench_disk(tmp: Path, frames: int) -> None:
     print(f"\n## Disk per minute of 24-FPS video (measured on datasets of {frames} frames + 4 route frames)\n")
-    print("| encoder | Dv | precision | pooling | tokens/frame | dataset bytes/frame | GB per minute | GB per 45-s clip | prepared/ GB per minute |")
+    print(
+        "| encoder | Dv | precision | pooling | tokens/frame | dataset bytes/frame | GB per minute | GB per 45-s clip | prepared/ GB per minute |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for enc, dim in (("S", 384), ("L", 1024)):
         for precision in ("bfloat16", "float32"):
             for pool in (1, 2):
                 data_dir = tmp / f"disk-{enc}-{precision}-{pool}"
-                path = write_dataset(data_dir, clips=1, frames=frames, context=4, dim=dim, pool=pool, precision=precision)
+                path = write_dataset(
+                    data_dir, clips=1, frames=frames, context=4, dim=dim, pool=pool, precision=precision
+                )
                 records = frames + 4
                 size = sum(f.stat().st_size for f in path.glob("*.array_record-*"))
                 prepared = sum(f.stat().st_size for f in (data_dir / P.PREPARED).rglob("*") if f.is_file())

@@ -111,7 +111,7 @@ def main(argv=None) -> None:
         jax.block_until_ready(encoder(x))
         compile_s = time.perf_counter() - compile_start
 
-        def run_ours():
+        def run_ours(encoder=encoder, x=x):
             return jax.block_until_ready(encoder(x))
 
         theirs = max_diff = float("nan")
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         else:
             x_t = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
 
-            def run_torch():
+            def run_torch(hf_model=hf_model, x_t=x_t):
                 with torch.inference_mode():
                     return hf_model(pixel_values=x_t).last_hidden_state
 

@@ -27,7 +27,8 @@ from sabr_jax.dry_run import jaxpr_flops  # noqa: E402
 from sabr_jax.trainer import Trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"), "Config file.")
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"), "Config file."
+)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
 
 
@@ -37,8 +38,16 @@ def main(argv) -> None:
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     source, stats = open_source(cfg)
-    it = iter(pipeline.dataset(source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
-                               batch_size=cfg.batch_size, seed=cfg.seed))
+    it = iter(
+        pipeline.dataset(
+            source,
+            stats=stats,
+            max_frames=cfg.data.max_frames,
+            context_frames=cfg.data.context_frames,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+    )
     batches = [jax.device_put(next(it), trainer.batch_sharding) for _ in range(min(_STEPS.value + 2, 8))]
     state = trainer.init_state(cfg.seed)
     t0 = time.perf_counter()
@@ -56,13 +65,19 @@ def main(argv) -> None:
     timed = times[2:]
     median = statistics.median(timed)
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    print(f"config: width={cfg.model.width} depth={cfg.model.depth} frames={cfg.data.max_frames} "
-          f"patches={cfg.data.num_patches} batch={cfg.batch_size} dtype={cfg.model.dtype} ({params} parameters)")
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}; compile {compile_s:.1f} s")
+    print(
+        f"config: width={cfg.model.width} depth={cfg.model.depth} frames={cfg.data.max_frames} "
+        f"patches={cfg.data.num_patches} batch={cfg.batch_size} dtype={cfg.model.dtype} ({params} parameters)"
+    )
+    print(
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}; compile {compile_s:.1f} s"
+    )
     print("| median step (s) | min step (s) | examples/s | steps/s | GFLOP/step | GFLOP/s |")
     print("|---|---|---|---|---|---|")
-    print(f"| {median:.4f} | {min(timed):.4f} | {cfg.batch_size / median:.1f} | {1 / median:.2f} | "
-          f"{flops / 1e9:.2f} | {flops / median / 1e9:.1f} |")
+    print(
+        f"| {median:.4f} | {min(timed):.4f} | {cfg.batch_size / median:.1f} | {1 / median:.2f} | "
+        f"{flops / 1e9:.2f} | {flops / median / 1e9:.1f} |"
+    )
 
 
 if __name__ == "__main__":

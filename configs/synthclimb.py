@@ -1,6 +1,6 @@
-"""SynthClimb, the longer run (about an hour on 2 CPU cores): more walls, a wider model, more steps.
+"""SynthClimb, the longer run (1-2 h on 2 CPU cores; README, "The longer run"): more walls, a wider model, more steps.
 
-    sabr-demo --config configs/synthclimb.py --workdir runs/synthclimb
+sabr-demo --config configs/synthclimb.py --workdir runs/synthclimb
 """
 
 from sabr_jax.config import synthclimb_config

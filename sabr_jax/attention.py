@@ -93,12 +93,9 @@ def dot_product_attention(q, k, v, kv_mask=None, *, implementation=None):
     elif implementation == "cudnn":
         out = _cudnn_attention(q, k, v, kv_mask)
     elif implementation in ("splash", "splash_interpret"):
-        out = _sharded_splash_attention(
-            q, k, v, kv_mask, interpret=implementation == "splash_interpret")
+        out = _sharded_splash_attention(q, k, v, kv_mask, interpret=implementation == "splash_interpret")
     else:
-        raise ValueError(
-            f"implementation must be None or one of {IMPLEMENTATIONS}, "
-            f"got {implementation!r}")
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
 
     if kv_mask is not None:  # the shared convention: no key -> zeros
         has_key = jnp.any(kv_mask, axis=1)[:, None, None, None]
@@ -109,13 +106,12 @@ def dot_product_attention(q, k, v, kv_mask=None, *, implementation=None):
 def _check_shapes(q, k, v, kv_mask):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(
-            "expected q [B, Lq, H, Dh] and k, v [B, Lk, H, Dh], got "
-            f"q {q.shape}, k {k.shape}, v {v.shape}")
+            f"expected q [B, Lq, H, Dh] and k, v [B, Lk, H, Dh], got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
     if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
         raise ValueError(f"q {q.shape} and k {k.shape} differ in batch, heads or head size")
     if kv_mask is not None and tuple(kv_mask.shape) != (k.shape[0], k.shape[1]):
-        raise ValueError(
-            f"kv_mask must be [B, Lk] = {(k.shape[0], k.shape[1])}, got {tuple(kv_mask.shape)}")
+        raise ValueError(f"kv_mask must be [B, Lk] = {(k.shape[0], k.shape[1])}, got {tuple(kv_mask.shape)}")
 
 
 def _target_device() -> tuple[str, str]:
@@ -161,8 +157,7 @@ def _cudnn_attention(q, k, v, kv_mask, *, implementation="cudnn"):
     if kv_mask is None:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     k, v, lengths = _compact_keys(k, v, kv_mask)
-    return jax.nn.dot_product_attention(
-        q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
 def _compact_keys(k, v, kv_mask):
@@ -205,8 +200,7 @@ def _sharded_splash_attention(q, k, v, kv_mask, *, interpret):
         size = math.prod(mesh.shape[a] for a in batch_axes) * mesh.shape[name]
         if name != _HEAD_AXIS and batch % size == 0:
             batch_axes.append(name)
-    head_axis = (_HEAD_AXIS if _HEAD_AXIS in free_axes
-                 and heads % mesh.shape[_HEAD_AXIS] == 0 else None)
+    head_axis = _HEAD_AXIS if _HEAD_AXIS in free_axes and heads % mesh.shape[_HEAD_AXIS] == 0 else None
     qkv_spec = P(tuple(batch_axes) or None, None, head_axis, None)
     mask_spec = P(tuple(batch_axes) or None, None)
 
@@ -220,8 +214,9 @@ def _sharded_splash_attention(q, k, v, kv_mask, *, interpret):
     if explicit:  # shard_map takes Explicit-sharded inputs only as specified
         q_spec = jax.typeof(q).sharding.spec
         args = tuple(jax.reshard(x, s) for x, s in zip(args, in_specs))
-    out = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec,
-                        axis_names=set(free_axes), check_vma=False)(*args)
+    out = jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec, axis_names=set(free_axes), check_vma=False
+    )(*args)
     return jax.reshard(out, q_spec) if explicit else out
 
 
@@ -245,10 +240,19 @@ def _splash_attention(q, k, v, kv_mask, *, interpret):
     kernel = splash.make_splash_mha(
         splash.MultiHeadMask([splash.FullMask((pad_q, pad_k))] * heads),
         block_sizes=splash.BlockSizes(
-            block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
-            block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
-            block_q_dq=block_q, block_kv_dq=block_k),
-        head_shards=1, q_seq_shards=1, interpret=interpret)
+            block_q=block_q,
+            block_kv=block_k,
+            block_kv_compute=block_k,
+            block_q_dkv=block_q,
+            block_kv_dkv=block_k,
+            block_kv_dkv_compute=block_k,
+            block_q_dq=block_q,
+            block_kv_dq=block_k,
+        ),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
 
     def to_heads_first(x, length):  # [B, L, H, D] -> [B, H, length, D]
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
@@ -266,8 +270,7 @@ def _splash_attention(q, k, v, kv_mask, *, interpret):
             kv_mask = jnp.ones((batch, len_k), bool)
         kv_ids = jnp.pad(kv_mask, ((0, 0), (0, pad_k - len_k))).astype(jnp.int32)
         q_ids = jnp.ones((batch, pad_q), jnp.int32)
-        one_example = lambda q, k, v, qi, ki: kernel(
-            q, k, v, segment_ids=splash.SegmentIds(q=qi, kv=ki))
+        one_example = lambda q, k, v, qi, ki: kernel(q, k, v, segment_ids=splash.SegmentIds(q=qi, kv=ki))
         out = jax.vmap(one_example)(q, k, v, q_ids, kv_ids)
     return out.transpose(0, 2, 1, 3)[:, :len_q]
 

@@ -16,31 +16,38 @@ Stages, each of which resumes where an interrupted run stopped (rerun the same c
    model against the mean motion, a random training clip, the model given another wall's
    video (is the video used?) and the ground truth.
 5. WORKDIR/loss.png: the loss curves.
+
+The config is checked first (sabr_jax.config.validate; not data.source and data.dir: they
+become stage 2's dataset). Errors in the input are one line, `sabr-demo: error: ...`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from sabr_jax import checkpoint
+from sabr_jax import checkpoint, cli
 from sabr_jax import config as config_lib
 from sabr_jax.data import prepare, synth
+from sabr_jax.data.prepare_settings import RANDOM_ENCODERS, Settings
 from sabr_jax.data.tfds_source import TfdsClips
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{config_lib.__file__}:synthclimb_demo",
+    "config",
+    f"{config_lib.__file__}:synthclimb_demo",
     "Config file (default: the embedded SynthClimb demo; configs/synthclimb.py is the longer run). "
     "Override keys with --config.KEY=VALUE.",
 )
-_WORKDIR = flags.DEFINE_string("workdir", "sabr_demo", "Where the clips, dataset, checkpoints, export and evaluation go.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "sabr_demo", "Where the clips, dataset, checkpoints, export and evaluation go."
+)
 _ENCODER = flags.DEFINE_string(
-    "encoder", None,
+    "encoder",
+    None,
     "DINOv2-with-registers weights (a HuggingFace folder, .safetensors or torch-hub .pth). Default: the config's "
     "synth.encoder, seeded random weights.",
 )
@@ -51,14 +58,31 @@ def write_benchmark(cfg, workdir: str, encoder: str, log=print) -> str:
     s = cfg.synth
     clips_dir, data_dir = os.path.join(workdir, "clips"), os.path.join(workdir, "data")
     height, width = s.size
-    start = time.time()
-    synth.write_clips(clips_dir, s.clips, seed=cfg.seed, height=height, width=width, context=cfg.data.context_frames,
-                      holds=s.holds, pan=s.pan, log=log)
-    log(f"SynthClimb: {s.clips} clips in {clips_dir} ({time.time() - start:.0f} s)")
-    settings = prepare.Settings(
-        encoder=encoder, precision="float32", pool=s.pool, frame_size=(height, width), encoder_size=tuple(s.encoder_size),
-        validation_fraction=s.validation_fraction, split_seed=cfg.seed, seed=cfg.seed, min_frames=8,
+    settings = Settings(  # checked before anything is written
+        encoder=encoder,
+        precision="float32",
+        pool=s.pool,
+        frame_size=(height, width),
+        encoder_size=tuple(s.encoder_size),
+        validation_fraction=s.validation_fraction,
+        split_seed=cfg.seed,
+        seed=cfg.seed,
+        min_frames=8,
+        context_frames=cfg.data.context_frames,
     )
+    start = time.time()
+    synth.write_clips(
+        clips_dir,
+        s.clips,
+        seed=cfg.seed,
+        height=height,
+        width=width,
+        context=cfg.data.context_frames,
+        holds=s.holds,
+        pan=s.pan,
+        log=log,
+    )
+    log(f"SynthClimb: {s.clips} clips in {clips_dir} ({time.time() - start:.0f} s)")
     start = time.time()
     report = prepare.prepare(clips_dir, data_dir, settings, log=logging.info)
     if report.get("error"):
@@ -70,28 +94,26 @@ def write_benchmark(cfg, workdir: str, encoder: str, log=print) -> str:
 
 
 def match_dataset(cfg, data_dir: str) -> None:
-    """Take the token count, width and patch grid from the dataset (they follow the encoder)."""
-    source = TfdsClips(data_dir, "train")
-    grid = source.clips[0]["grid"]
+    """Train on the dataset. Its token count and width fill the config's unset ones (the
+    Trainer's `resolve_shapes`); the patch grid follows the encoder and pooling, so it is copied."""
+    grid = TfdsClips(data_dir, "train").clips[0]["grid"]
     with cfg.unlocked():
-        cfg.data.update(source="tfds", dir=data_dir, num_patches=source.num_patches)
-        cfg.model.update(video_dim=source.video_dim, patch_grid=tuple(grid))
+        cfg.data.update(source="tfds", dir=data_dir)
+        cfg.model.update(patch_grid=tuple(grid))
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     from sabr_jax.eval.evaluate import evaluate
     from sabr_jax.eval.plots import plot_losses
     from sabr_jax.loop import train
 
-    cfg, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    cfg, workdir = config_lib.validate(_CONFIG.value, data_dir=False), os.path.abspath(_WORKDIR.value)
     encoder = _ENCODER.value or cfg.synth.encoder
-    if encoder in prepare.RANDOM_ENCODERS:
-        print(f"*** video encoder: {encoder}, SEEDED RANDOM WEIGHTS (no DINOv2 checkpoint given; pass --encoder PATH "
-              "for real DINOv2 features). The tokens are a fixed random function of the pixels. ***")
+    if encoder in RANDOM_ENCODERS:
+        print(
+            f"*** video encoder: {encoder}, SEEDED RANDOM WEIGHTS (no DINOv2 checkpoint given; pass --encoder PATH "
+            "for real DINOv2 features). The tokens are a fixed random function of the pixels. ***"
+        )
     else:
         print(f"video encoder: {encoder}")
     start = time.time()
@@ -100,6 +122,8 @@ def main(argv) -> None:
 
     train_dir = os.path.join(workdir, "train")
     result = train(cfg, train_dir)
+    if result["status"] != "done":  # preempted (rerun to go on) or non-finite: nothing to evaluate yet
+        raise SystemExit(0 if result["status"] == "preempted" else 1)
     export_dir = os.path.join(workdir, "export")
     checkpoint.export_ema(export_dir, result["state"]["ema"], result["meta"])
     plot_losses(os.path.join(train_dir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
@@ -120,14 +144,21 @@ def main(argv) -> None:
     ]:
         print(f"  {os.path.join(workdir, path):<48} {what}")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({"minutes": (time.time() - start) / 60, "steps": result["step"], "encoder": encoder,
-                   "rows": {k: {m: v[m] for m in ("movement_mse", "route_adherence")} for k, v in metrics["rows"].items()}}, f, indent=1)
+        json.dump(
+            {
+                "minutes": (time.time() - start) / 60,
+                "steps": result["step"],
+                "encoder": encoder,
+                "rows": {k: {m: v[m] for m in ("movement_mse", "route_adherence")} for k, v in metrics["rows"].items()},
+            },
+            f,
+            indent=1,
+        )
 
 
 def run() -> None:
-    """Console-script entry point. absl's --help lists the flags of the module argv[0] names."""
-    sys.argv[0] = __name__
-    app.run(main)
+    """Console-script entry point."""
+    cli.run(main, "sabr-demo")
 
 
 if __name__ == "__main__":

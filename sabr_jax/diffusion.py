@@ -81,7 +81,9 @@ class GaussianDiffusion:
     # -------------------------------------------------------------- forward process
     def q_sample(self, x0, t, noise):
         """Sample x_t ~ q(x_t | x0)."""
-        return at_step(self.sqrt_alphas_cumprod, t, x0) * x0 + at_step(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            at_step(self.sqrt_alphas_cumprod, t, x0) * x0 + at_step(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0)."""
@@ -107,7 +109,9 @@ class GaussianDiffusion:
 
     def predict_eps(self, x0_pred, x_t, t):
         """The noise implied by an x0 prediction at x_t."""
-        return (x_t - at_step(self.sqrt_alphas_cumprod, t, x_t) * x0_pred) / at_step(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return (x_t - at_step(self.sqrt_alphas_cumprod, t, x_t) * x0_pred) / at_step(
+            self.sqrt_one_minus_alphas_cumprod, t, x_t
+        )
 
     # -------------------------------------------------------------- training loss
     def loss(self, model_out, x0, x_t, t, mask, feature_weights=None):

@@ -16,7 +16,11 @@ host, after `jax.distributed.initialize`):
 * A step with a non-finite loss or gradient never changes params, EMA or optimiser state
   (the step withholds its update). It is reported with the quantity (and the parameters
   with non-finite gradients); `on_nonfinite='stop'` then ends training without saving,
-  'skip' goes on.
+  'skip' goes on, up to `max_consecutive_skips` such steps in a row.
+* The workdir is locked for the run (sabr_jax.workdir_lock); a checkpoint of another
+  model stops the run before restoring, an unreadable newest checkpoint is set aside and
+  the one before it restored, and a save that fails (a full disk) stops training at the
+  next step, naming the last good checkpoint (sabr_jax.checkpoint).
 * With eval_every > 0, every eval_every steps and at the last one, the EMA parameters'
   validation figures (`Trainer.eval_step` on fixed held-out batches and noise, so that
   they compare across steps) join that step's metrics record, with a console line.
@@ -39,6 +43,7 @@ from sabr_jax.data.sources import open_source
 from sabr_jax.dry_run import jaxpr_flops
 from sabr_jax.metrics_log import MetricsLog
 from sabr_jax.trainer import Trainer
+from sabr_jax.workdir_lock import WorkdirLock
 
 # With several processes, agreeing on a SIGTERM costs a cross-host collective (and a
 # pipeline bubble), so processes compare flags every this many steps (and at each log and
@@ -84,15 +89,20 @@ def nonfinite_report(step: int, metrics: dict, names: list[str]) -> str | None:
 
 def validation_line(step: int, figures: dict, num_steps: int) -> str:
     """The console line of a step's validation figures (num_steps: the diffusion's T)."""
-    return (f"step {step}: val x0 mse {figures['val_x0_mse']:.4g} (t={num_steps - 1}: "
-            f"{figures['val_x0_mse_t999']:.4g}), shuffled video {figures['val_x0_mse_shuffled']:.4g}")
+    return (
+        f"step {step}: val x0 mse {figures['val_x0_mse']:.4g} (t={num_steps - 1}: "
+        f"{figures['val_x0_mse_t999']:.4g}), shuffled video {figures['val_x0_mse_shuffled']:.4g}"
+    )
 
 
 def summarize(pending: list[dict], elapsed: float, flops_per_step: float, cfg) -> dict[str, float]:
     """Mean metrics over the finite steps since the last log, plus throughput and MFU."""
     host = [{k: np.asarray(v) for k, v in m.items() if k != "grad_leaf_finite"} for m in jax.device_get(pending)]
     finite = [m for m in host if m["finite"]]
-    record = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan") for k in ("loss", "mse", "vlb", "grad_norm")}
+    record = {
+        k: float(np.mean([m[k] for m in finite])) if finite else float("nan")
+        for k in ("loss", "mse", "vlb", "grad_norm")
+    }
     record["skipped"] = float(len(host) - len(finite))
     record["steps_per_s"] = len(host) / elapsed
     record["examples_per_s"] = record["steps_per_s"] * cfg.batch_size
@@ -104,6 +114,27 @@ def summarize(pending: list[dict], elapsed: float, flops_per_step: float, cfg) -
 def global_batch(local: dict, trainer: Trainer) -> dict:
     """This process's rows of a batch (numpy) -> the global, sharded batch."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), local)
+
+
+def process_batches(cfg, source, stats, mesh, seed: int, start_batch: int = 0, num_workers: int = 0):
+    """An iterator over this process's rows of the global batches from `start_batch` on
+    (windows and order from `seed`): what `global_batch` assembles into sharded batches."""
+    start_row, stop_row = sharding.process_rows(cfg.batch_size, mesh)
+    rows = stop_row - start_row
+    return iter(
+        pipeline.dataset(
+            source,
+            stats=stats,
+            max_frames=cfg.data.max_frames,
+            context_frames=cfg.data.context_frames,
+            batch_size=rows,
+            seed=seed,
+            shard_index=start_row // rows,
+            shard_count=cfg.batch_size // rows,
+            num_workers=num_workers,
+            start_batch=start_batch,
+        )
+    )
 
 
 def validation(cfg, trainer: Trainer, stats, state: dict, say):
@@ -120,12 +151,7 @@ def validation(cfg, trainer: Trainer, stats, state: dict, say):
     if len(source) == 0:
         say("the validation split has no clips: no validation figures (eval_every is ignored)")
         return None
-    start_row, stop_row = sharding.process_rows(cfg.batch_size, trainer.mesh)
-    rows = stop_row - start_row
-    val_iter = iter(pipeline.dataset(
-        source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
-        batch_size=rows, seed=VALIDATION_SEED, shard_index=start_row // rows, shard_count=cfg.batch_size // rows,
-    ))
+    val_iter = process_batches(cfg, source, stats, trainer.mesh, VALIDATION_SEED)
     batches = [next(val_iter) for _ in range(cfg.eval_batches)]
     keys = [np.asarray(jax.random.fold_in(jax.random.PRNGKey(VALIDATION_SEED), i)) for i in range(len(batches))]
     with jax.set_mesh(trainer.mesh):
@@ -139,94 +165,130 @@ def validation(cfg, trainer: Trainer, stats, state: dict, say):
 
 
 def train(cfg, workdir: str) -> dict:
-    """Train until cfg.total_steps (or preemption, or a non-finite step with on_nonfinite='stop').
+    """Train until cfg.total_steps (or preemption, or non-finite steps: one with
+    on_nonfinite='stop', cfg.max_consecutive_skips in a row with 'skip').
 
     Returns {"state": final state, "meta": checkpoint meta, "status": "done" | "preempted"
-    | "nonfinite", "step": int}.
+    | "nonfinite", "step": int, "message": the closing line}. Raises UserError subclasses
+    (one line each) for a workdir in use by another run, a checkpoint of another model, no
+    readable checkpoint, or a failed save.
     """
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
+    say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
+    with WorkdirLock(workdir, say):
+        return _train_locked(cfg, workdir, say)
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+    """Whether `step` (1-based, just taken) is an every-th step or the last one; every <= 0: never."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
+class NonfiniteGuard:
+    """Reports non-finite steps and says when training must stop: at the first one with
+    on_nonfinite='stop', at max_consecutive_skips in a row with 'skip'.
+
+    Steps are checked one step late (`check(everything=False)` leaves the newest), so that
+    reading a step's flags never waits for the device while already queued work runs.
+    """
+
+    def __init__(self, cfg, param_names: list[str], say):
+        self.cfg, self.param_names, self.say = cfg, param_names, say
+        self.unchecked, self.in_a_row = [], 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.unchecked.append((step, metrics))
+
+    def check(self, everything: bool) -> bool:
+        """Report the unchecked steps' non-finite ones; False when training must stop."""
+        ready = self.unchecked if everything else self.unchecked[:-1]
+        self.unchecked = self.unchecked[len(ready) :]
+        for step, metrics in ready:
+            message = nonfinite_report(step, jax.device_get(metrics), self.param_names)
+            if not message:
+                self.in_a_row = 0
+                continue
+            self.say(f"{message}; its update was not applied (on_nonfinite={self.cfg.on_nonfinite!r})")
+            self.in_a_row += 1
+            if self.cfg.on_nonfinite == "stop" or self.in_a_row >= self.cfg.max_consecutive_skips:
+                return False
+        return True
+
+    def reason(self) -> str:
+        if self.cfg.on_nonfinite == "stop":
+            return "a non-finite loss or gradient (on_nonfinite='stop')"
+        return (
+            f"{self.in_a_row} non-finite steps in a row (on_nonfinite='skip', "
+            f"max_consecutive_skips={self.cfg.max_consecutive_skips})"
+        )
+
+
+def _train_locked(cfg, workdir: str, say) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
-    start_row, stop_row = sharding.process_rows(cfg.batch_size, mesh)
-    local_batch = stop_row - start_row
     source, stats = open_source(cfg, "train")
 
     mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-    restored = checkpoint.restore(mngr, trainer.abstract_state())
+    try:
+        restored = checkpoint.resume(mngr, trainer.abstract_state(), cfg, say)
+    except BaseException:
+        mngr.close()
+        raise
     if restored is None:
-        state, next_batch = trainer.init_state(cfg.seed), 0
+        state, first_batch = trainer.init_state(cfg.seed), 0
     else:
         state, saved_meta, data_position = restored
         _, stats = checkpoint.read_meta(saved_meta)  # normalisation must stay what the run started with
-        next_batch = checkpoint.data_start_batch(data_position, cfg)
+        first_batch = checkpoint.data_start_batch(data_position, cfg)
     meta = checkpoint.meta(cfg, stats)
-    step = int(state["step"])
-    say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
-    data_iter = iter(pipeline.dataset(
-        source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
-        batch_size=local_batch, seed=cfg.seed, shard_index=start_row // local_batch,
-        shard_count=cfg.batch_size // local_batch, num_workers=cfg.data.num_workers, start_batch=next_batch,
-    ))
-    say(f"{'resuming from step ' + str(step) if restored else 'starting'} in {os.path.abspath(workdir)} "
-        f"on {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}")
-
-    consumed = next_batch
-
-    def next_batch_global():
-        nonlocal consumed
-        consumed += 1
-        return global_batch(next(data_iter), trainer)
+    first_step = step = int(state["step"])
+    data_iter = process_batches(cfg, source, stats, mesh, cfg.seed, first_batch, cfg.data.num_workers)
+    say(
+        f"{'resuming from step ' + str(step) if restored else 'starting'} in {os.path.abspath(workdir)} "
+        f"on {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}"
+    )
 
     batch, step_fn, flops, evaluate = None, None, 0.0, None
     if step < cfg.total_steps:
-        batch = next_batch_global()
+        batch = global_batch(next(data_iter), trainer)
         with jax.set_mesh(mesh):  # attention picks its kernel (and splash its partitioning) from the mesh
             traced = trainer.jit_train_step.trace(state, batch)
             step_fn = traced.lower().compile()
         flops = jaxpr_flops(traced.jaxpr)  # whole step, all devices
-        say(f"train step: {flops:.4g} FLOPs (matmuls, forward + backward + remat) per global batch of {cfg.batch_size}"
-            + ("" if cfg.peak_flops_per_device > 0 else "; set peak_flops_per_device for MFU"))
+        say(
+            f"train step: {flops:.4g} FLOPs (matmuls, forward + backward + remat) per global batch of {cfg.batch_size}"
+            + ("" if cfg.peak_flops_per_device > 0 else "; set peak_flops_per_device for MFU")
+        )
         evaluate = validation(cfg, trainer, stats, state, say)
 
-    def save():
-        checkpoint.save(mngr, step, state, checkpoint.data_position(consumed, cfg), meta)
+    def save():  # each step reads one global batch: the data position follows from the step
+        saver.save(step, state, checkpoint.data_position(first_batch + step - first_step, cfg), meta)
 
+    saver = checkpoint.Saver(mngr, step if restored else None)
+    guard = NonfiniteGuard(cfg, trainer.param_names, say)
     log = MetricsLog(workdir, step)
     preemption = Preemption()
     progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train", unit="step")
-    pending, unchecked, last_saved, status = [], [], step, "done"
+    pending, last_saved, status, failed = [], step, "done", True
     t_log = time.perf_counter()
-
-    def check(upto_now: bool) -> bool:
-        """Report non-finite steps among the unchecked ones; False when training must stop."""
-        nonlocal unchecked
-        ready, unchecked = (unchecked, []) if upto_now else (unchecked[:-1], unchecked[-1:])
-        for s, m in ready:
-            message = nonfinite_report(s, jax.device_get(m), trainer.param_names)
-            if message:
-                say(f"{message}; its update was not applied (on_nonfinite={cfg.on_nonfinite!r})")
-                if cfg.on_nonfinite == "stop":
-                    return False
-        return True
-
     try:
         while step < cfg.total_steps:
-            batch = batch if batch is not None else next_batch_global()
+            batch = batch if batch is not None else global_batch(next(data_iter), trainer)
             state, metrics = step_fn(state, batch)
             batch, step = None, step + 1
             pending.append(metrics)
-            unchecked.append((step, metrics))
+            guard.add(step, metrics)
             progress.update(1)
-            eval_now = evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps)
-            log_now = step % cfg.log_every == 0 or step == cfg.total_steps or eval_now
+            saver.poll()
+            eval_now = evaluate is not None and itstime(step, cfg.eval_every, cfg.total_steps)
+            log_now = itstime(step, cfg.log_every, cfg.total_steps) or eval_now
             save_now = step % cfg.checkpoint_every == 0 and step < cfg.total_steps
-            # Check the flags of all but the newest step (already queued work keeps the
-            # device busy); before a save or log, all of them.
-            if not check(upto_now=save_now or log_now):
+            if not guard.check(everything=save_now or log_now):  # before a save or log, every step's flags
                 status = "nonfinite"
                 break
             if log_now:
+                saver.wait()  # a failed save is found by the next log point at the latest
                 record = summarize(pending, time.perf_counter() - t_log, flops, cfg)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
@@ -241,19 +303,24 @@ def train(cfg, workdir: str) -> dict:
             if preemption.requested(step, force=log_now or save_now):
                 status = "preempted"
                 break
-        if status != "nonfinite" and not check(upto_now=True):
+        if status != "nonfinite" and not guard.check(everything=True):
             status = "nonfinite"
-        progress.close()
         if status != "nonfinite" and last_saved != step:
             save()
-        mngr.wait_until_finished()
+        saver.wait()
+        failed = False
     finally:
+        progress.close()
         preemption.restore()
-        mngr.close()
         log.close()
+        try:
+            mngr.close()
+        except Exception:  # noqa: BLE001 - after a failed save, close raises its error again
+            if not failed:
+                raise
     if status == "nonfinite":
-        say(f"stopped at step {step}: non-finite loss or gradients (on_nonfinite='stop'); "
-            f"the checkpoints in {mngr.directory} hold the last good states")
+        message = f"stopped after step {step}: {guard.reason()}; {saver.where()}"
     else:
-        say(f"{status} at step {step}; checkpoints in {mngr.directory}")
-    return {"state": state, "meta": meta, "status": status, "step": step}
+        message = f"{status} at step {step}; {saver.where()}"
+    say(message)
+    return {"state": state, "meta": meta, "status": status, "step": step, "message": message}

@@ -3,12 +3,16 @@
 Only process 0 writes. One JSON object per logged step: {"step": ..., "loss": ..., ...}.
 A resumed run appends; records of steps past the resume point (written by the
 interrupted run after its last checkpoint) are dropped on open, so the file always
-reads as one uninterrupted run.
+reads as one uninterrupted run. The file is strict JSON: a non-finite value is `null`.
+
+The workdir lock (sabr_jax.workdir_lock) is taken before the log opens, so the records it
+drops are never those of another live run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -32,7 +36,8 @@ class MetricsLog:
         if not self.active:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+            f.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()

@@ -7,7 +7,8 @@ per frame, D model width, H heads, Dh = D / H, Dv video-token width.
 `layout="slots"` (default): each frame is split into 27 slots (bbox, camera, 24 joints,
 betas). Blocks alternate: *spatial* blocks self-attend over the slots of one frame,
 *temporal* blocks self-attend over time for each slot. Cross-attention is frame-aligned:
-the slots of frame t attend to the video tokens of frames t-w..t+w (`cross_window` w).
+the slots of frame t attend to the video tokens of frames t-w..t+w (`cross_window` w) on
+t's side of the prompt boundary (route images only see route images, motion frames video).
 
 `layout="frame"` (the authors' code): one token per frame; every block self-attends over
 time. Even blocks cross-attend frame-aligned ("spatial"); odd blocks broadcast each frame
@@ -18,6 +19,10 @@ Every block: adaLN-Zero self-attention, ungated pre-norm cross-attention, adaLN-
 modulated by the diffusion timestep. Context frames are a prompt: their motion tokens are
 a learned embedding, never the (noised) input. Padded frames are masked out of every
 attention and their outputs are zero.
+
+Every parameter dimension has a logical axis name (`einsum`; sabr_jax.sharding.RULES maps
+them to mesh axes): FSDP over the width, tensor parallelism over whole heads (the fused
+q/k/v kernel is [D, 3, H, Dh]) and the MLP's hidden width.
 
 Options beyond the paper (off in the paper configs, on for SynthClimb; see README):
 `patch_grid` adds a fixed 2D sin-cos position to the video tokens (the model otherwise has
@@ -41,6 +46,20 @@ from flax import nnx
 
 from sabr_jax import motion
 from sabr_jax.attention import dot_product_attention
+from sabr_jax.layers import (
+    Modulation,
+    dense,
+    einsum,
+    from_heads,
+    layer_norm,
+    logical,
+    modulate,
+    sincos_2d_embedding,
+    sincos_embedding,
+    to_heads,
+    zeros,
+)
+from sabr_jax.sharding import whole
 
 REMAT_POLICIES = {
     "none": None,
@@ -92,66 +111,19 @@ class DiTConfig:
         return jnp.dtype(self.dtype)
 
 
-# ------------------------------------------------------------------ initialisers and layers
-xavier = nnx.initializers.xavier_uniform()
-zeros = nnx.initializers.zeros_init()
-
-
-def logical(init, names: tuple[str, ...]):
-    """Tag an initialiser's parameter with logical axis names (mapped to mesh axes by the
-    sharding rules at training time; no mesh is needed to build the model)."""
-    return nnx.with_partitioning(init, names, eager_sharding=False)
-
-
-def dense(cfg: DiTConfig, din: int, dout: int, axes: tuple[str, str], rngs, init=xavier) -> nnx.Linear:
-    """A Linear layer with ViT init (xavier kernel, zero bias) and logical axis names."""
-    return nnx.Linear(
-        din, dout, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs,
-        kernel_init=logical(init, axes), bias_init=logical(zeros, axes[1:]),
-    )
-
-
-def layer_norm(cfg: DiTConfig, affine: bool, rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        cfg.width, epsilon=1e-6, use_scale=affine, use_bias=affine, dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32, rngs=rngs,
-        scale_init=logical(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=logical(zeros, ("embed",)),
-    )
-
-
-def sincos_embedding(length: int, dim: int) -> jax.Array:
-    """Fixed 1D sine-cosine position embedding [length, dim] (positions 0..length-1)."""
-    omega = 1.0 / 10000 ** (jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * omega[None]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
-def sincos_2d_embedding(rows: int, cols: int, dim: int) -> jax.Array:
-    """Fixed 2D sine-cosine position embedding [rows * cols, dim] of a row-major patch grid:
-    half the channels encode the row, half the column."""
-    row = jnp.repeat(sincos_embedding(rows, dim // 2), cols, axis=0)
-    col = jnp.tile(sincos_embedding(cols, dim // 2), (rows, 1))
-    return jnp.concatenate([row, col], axis=-1)
-
-
-def modulate(x, shift, scale):
-    """x [B, L, S, D]; shift, scale [B, D]."""
-    return x * (1 + scale[:, None, None]) + shift[:, None, None]
-
-
-def window(kv: jax.Array, frame_mask: jax.Array, w: int):
+def window(kv: jax.Array, frame_mask: jax.Array, context_mask: jax.Array, w: int):
     """Gather, for each frame t, the tokens of frames t-w..t+w.
 
-    kv [B, L, P, H, Dh] -> [B, L, (2w+1)*P, H, Dh]; frame_mask [B, L] -> key mask
-    [B, L, (2w+1)*P] (False outside the clip and on padded frames).
+    kv [B, L, P, H, Dh] -> [B, L, (2w+1)*P, H, Dh]; masks [B, L] -> key mask [B, L, (2w+1)*P]:
+    False outside the clip, on padded frames, and across the prompt boundary (a motion frame
+    never reads a route image's tokens through the window, nor a route image a video frame's).
     """
     length, tokens = kv.shape[1], kv.shape[2]
-    padded = jnp.pad(kv, ((0, 0), (w, w)) + ((0, 0),) * (kv.ndim - 2))
-    valid = jnp.pad(frame_mask, ((0, 0), (w, w)))
+    pad = lambda a: jnp.pad(a, ((0, 0), (w, w)) + ((0, 0),) * (a.ndim - 2))
     offsets = jnp.arange(length)[:, None] + jnp.arange(2 * w + 1)[None]  # [L, 2w+1]
-    kv = rearrange(padded[:, offsets], "b l o p h d -> b l (o p) h d")
-    return kv, repeat(valid[:, offsets], "b l o -> b l (o p)", p=tokens)
+    kv = rearrange(pad(kv)[:, offsets], "b l o p h d -> b l (o p) h d")
+    valid = pad(frame_mask)[:, offsets] & (pad(context_mask)[:, offsets] == context_mask[:, :, None])
+    return kv, repeat(valid, "b l o -> b l (o p)", p=tokens)
 
 
 MASKED = -1e30  # the logit of a masked key (finite: a row with every key masked stays finite)
@@ -176,8 +148,9 @@ def attend_with_route(q, k, v, mask, route_k, route_v, route_mask):
     route = jnp.where(route_mask[:, None, None, None], route, MASKED)
     weights = jax.nn.softmax(jnp.concatenate([own, route], axis=-1), axis=-1).astype(q.dtype)
     n = k.shape[2]
-    return (jnp.einsum("blhsn,blnhd->blshd", weights[..., :n], v)
-            + jnp.einsum("blhsk,bkhd->blshd", weights[..., n:], route_v))
+    return jnp.einsum("blhsn,blnhd->blshd", weights[..., :n], v) + jnp.einsum(
+        "blhsk,bkhd->blshd", weights[..., n:], route_v
+    )
 
 
 class TimestepEmbedder(nnx.Module):
@@ -217,73 +190,68 @@ class Block(nnx.Module):
     """
 
     def __init__(self, cfg: DiTConfig, self_axis: str, cross: str, rngs: nnx.Rngs):
-        d, h = cfg.width, cfg.heads
         self.cfg, self.self_axis, self.cross = cfg, self_axis, cross
         self.norm1 = layer_norm(cfg, affine=False, rngs=rngs)
-        self.qkv = dense(cfg, d, 3 * d, ("embed", "heads"), rngs)
-        self.attn_out = dense(cfg, d, d, ("heads", "embed"), rngs)
+        self.qkv = to_heads(cfg, 3, rngs)
+        self.attn_out = from_heads(cfg, rngs)
         self.norm2 = layer_norm(cfg, affine=True, rngs=rngs)
-        self.cross_q = dense(cfg, d, d, ("embed", "heads"), rngs)
-        self.cross_kv = dense(cfg, d, 2 * d, ("embed", "heads"), rngs)
-        self.cross_out = dense(cfg, d, d, ("heads", "embed"), rngs)
+        self.cross_q = to_heads(cfg, None, rngs)
+        self.cross_kv = to_heads(cfg, 2, rngs)
+        self.cross_out = from_heads(cfg, rngs)
         self.norm3 = layer_norm(cfg, affine=False, rngs=rngs)
         self.mlp = Mlp(cfg, rngs)
-        self.adaLN_modulation = dense(cfg, d, 6 * d, ("embed", "mod"), rngs, init=zeros)
-        self.num_heads = h
+        self.adaLN_modulation = Modulation(cfg, 6, rngs)
 
     def video_kv(self, video_emb: jax.Array):
         """video_emb [B, L, P, D] -> keys, values [B, L, P, H, Dh] for the cross-attention."""
-        kv = self.cross_kv(video_emb)
-        k, v = jnp.split(kv, 2, axis=-1)
-        split = lambda a: rearrange(a, "... (h d) -> ... h d", h=self.num_heads)
-        return split(k), split(v)
+        return tuple(self.cross_kv(video_emb))
 
     def self_attention(self, x, frame_mask):
-        b, l, s, _ = x.shape
-        q, k, v = (rearrange(a, "b l s (h d) -> b l s h d", h=self.num_heads) for a in jnp.split(self.qkv(x), 3, -1))
+        b, _, s, _ = x.shape
+        q, k, v = self.qkv(x)  # each [B, L, S, H, Dh]
         if self.self_axis == "slots":
             fold = lambda a: rearrange(a, "b l s h d -> (b l) s h d")
             out = dot_product_attention(fold(q), fold(k), fold(v), implementation=self.cfg.attention)
-            out = rearrange(out, "(b l) s h d -> b l s (h d)", b=b)
+            out = rearrange(out, "(b l) s h d -> b l s h d", b=b)
         else:
             fold = lambda a: rearrange(a, "b l s h d -> (b s) l h d")
             mask = repeat(frame_mask, "b l -> (b s) l", s=s)
             out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
-            out = rearrange(out, "(b s) l h d -> b l s (h d)", b=b)
+            out = rearrange(out, "(b s) l h d -> b l s h d", b=b)
         return self.attn_out(out)
 
-    def cross_attention(self, x, kv, frame_mask, route_mask=None):
-        b, l, s, _ = x.shape
+    def cross_attention(self, x, kv, frame_mask, context_mask):
+        b = x.shape[0]
         k, v = kv  # [B, L, P, H, Dh]
-        q = rearrange(self.cross_q(x), "b l s (h d) -> b l s h d", h=self.num_heads)
+        q = self.cross_q(x)  # [B, L, S, H, Dh]
         if self.cross == "frame":
             mask = None
             if self.cfg.cross_window:
-                (k, mask), (v, _) = window(k, frame_mask, self.cfg.cross_window), window(v, frame_mask, self.cfg.cross_window)
+                (k, mask), (v, _) = (window(a, frame_mask, context_mask, self.cfg.cross_window) for a in (k, v))
             if self.cfg.cross_route:
                 n = self.cfg.route_frames
-                out = attend_with_route(q, k, v, mask, kv[0][:, :n], kv[1][:, :n], route_mask)
-                return self.cross_out(rearrange(out, "b l s h d -> b l s (h d)"))
+                return self.cross_out(attend_with_route(q, k, v, mask, kv[0][:, :n], kv[1][:, :n], context_mask[:, :n]))
             fold = lambda a: rearrange(a, "b l n h d -> (b l) n h d")
             mask = None if mask is None else rearrange(mask, "b l k -> (b l) k")
             out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
-            out = rearrange(out, "(b l) s h d -> b l s (h d)", b=b)
+            out = rearrange(out, "(b l) s h d -> b l s h d", b=b)
         else:  # patch_time: S == 1
             p = k.shape[2]
             q = repeat(q[:, :, 0], "b l h d -> (b p) l h d", p=p)
             fold = lambda a: rearrange(a, "b l p h d -> (b p) l h d")
             mask = repeat(frame_mask, "b l -> (b p) l", p=p)
             out = dot_product_attention(q, fold(k), fold(v), mask, implementation=self.cfg.attention)
-            out = rearrange(out, "(b p) l h d -> b p l (h d)", b=b).mean(axis=1)[:, :, None]
+            out = rearrange(out, "(b p) l h d -> b p l h d", b=b).mean(axis=1)[:, :, None]
         return self.cross_out(out)
 
-    def __call__(self, x, c, kv, frame_mask, route_mask=None):
-        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask [B, L];
-        route_mask [B, route_frames] True on the route images (with `cross_route`)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
-        x = x + gate1[:, None, None] * self.self_attention(modulate(self.norm1(x), shift1, scale1), frame_mask)
-        x = x + self.cross_attention(self.norm2(x), kv, frame_mask, route_mask)
-        x = x + gate2[:, None, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+    def __call__(self, x, c, kv, frame_mask, context_mask):
+        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask and
+        context_mask [B, L] (the route images are where context_mask is True)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)
+        # `whole`: each layer's input is whole on every tensor shard (Megatron; sabr_jax.sharding)
+        x = x + gate1[:, None, None] * self.self_attention(whole(modulate(self.norm1(x), shift1, scale1)), frame_mask)
+        x = x + self.cross_attention(whole(self.norm2(x)), kv, frame_mask, context_mask)
+        x = x + gate2[:, None, None] * self.mlp(whole(modulate(self.norm3(x), shift2, scale2)))
         return x
 
 
@@ -302,9 +270,9 @@ class BlockPair(nnx.Module):
         """-> ((k, v) of the spatial block, (k, v) of the temporal block), each [B, L, P, H, Dh]."""
         return self.spatial.video_kv(video_emb), self.temporal.video_kv(video_emb)
 
-    def __call__(self, x, c, kv, frame_mask, route_mask=None):
-        x = self.spatial(x, c, kv[0], frame_mask, route_mask)
-        return self.temporal(x, c, kv[1], frame_mask, route_mask)
+    def __call__(self, x, c, kv, frame_mask, context_mask):
+        x = self.spatial(x, c, kv[0], frame_mask, context_mask)
+        return self.temporal(x, c, kv[1], frame_mask, context_mask)
 
 
 class RouteEmbedder(nnx.Module):
@@ -313,19 +281,18 @@ class RouteEmbedder(nnx.Module):
     conditioning at all."""
 
     def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        self.num_heads = cfg.heads
-        self.query = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.heads, cfg.width // cfg.heads)))
-        self.kv = dense(cfg, cfg.width, 2 * cfg.width, ("embed", "heads"), rngs)
-        self.out = dense(cfg, cfg.width, cfg.width, ("heads", "embed"), rngs, init=zeros)
+        query = logical(nnx.initializers.normal(1.0), ("heads", "head_dim"))
+        self.query = nnx.Param(query(rngs.params(), (cfg.heads, cfg.width // cfg.heads)))
+        self.kv = to_heads(cfg, 2, rngs)
+        self.out = from_heads(cfg, rngs, init=zeros)
         self.attention = cfg.attention
 
     def __call__(self, route_emb: jax.Array, route_mask: jax.Array) -> jax.Array:
         """route_emb [B, C, P, D] (from `DiT.embed_video`), route_mask [B, C] -> [B, D]."""
-        k, v = (rearrange(a, "b c p (h d) -> b (c p) h d", h=self.num_heads) for a in jnp.split(self.kv(route_emb), 2, -1))
+        k, v = (rearrange(a, "b c p h d -> b (c p) h d") for a in self.kv(route_emb))
         q = jnp.broadcast_to(self.query.astype(k.dtype), (k.shape[0], 1, *self.query.shape))
         mask = repeat(route_mask, "b c -> b (c p)", p=route_emb.shape[2])
-        out = dot_product_attention(q, k, v, mask, implementation=self.attention)
-        return self.out(rearrange(out, "b 1 h d -> b (h d)"))
+        return self.out(dot_product_attention(q, k, v, mask, implementation=self.attention)[:, 0])
 
 
 class FinalLayer(nnx.Module):
@@ -334,20 +301,16 @@ class FinalLayer(nnx.Module):
     def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.norm = layer_norm(cfg, affine=False, rngs=rngs)
-        self.adaLN_modulation = dense(cfg, cfg.width, 2 * cfg.width, ("embed", "mod"), rngs, init=zeros)
+        self.adaLN_modulation = Modulation(cfg, 2, rngs)
         if cfg.layout == "slots":
-            s, w = motion.NUM_SLOTS, motion.SLOT_WIDTH
-            self.linear = nnx.Einsum(
-                "blsd,sdo->blso", (s, cfg.width, 2 * w), (s, 2 * w), dtype=cfg.compute_dtype, rngs=rngs,
-                kernel_init=logical(zeros, ("slots", "embed", "slot_out")),
-                bias_init=logical(zeros, ("slots", "slot_out")),
-            )
+            shape = (motion.NUM_SLOTS, cfg.width, 2 * motion.SLOT_WIDTH)
+            self.linear = einsum(cfg, "blsd,sdo->blso", shape, ("slots", "embed", "slot_out"), rngs, zeros)
         else:
             self.linear = dense(cfg, cfg.width, 2 * motion.MOTION_DIM, ("embed", "motion_out"), rngs, init=zeros)
 
     def __call__(self, x, c):
         """x [B, L, S, D] -> [B, L, 2 * 161] (x0, then the variance value v)."""
-        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        shift, scale = self.adaLN_modulation(c)
         out = self.linear(modulate(self.norm(x), shift, scale)).astype(jnp.float32)
         if self.cfg.layout == "frame":
             return out[:, :, 0]
@@ -368,42 +331,31 @@ class DiT(nnx.Module):
         s, d = cfg.num_slots, cfg.width
         self.t_embedder = TimestepEmbedder(cfg, rngs)
         if cfg.layout == "slots":
-            self.x_embedder = nnx.Einsum(
-                "blsw,swd->blsd", (s, motion.SLOT_WIDTH, d), (s, d), dtype=cfg.compute_dtype, rngs=rngs,
-                kernel_init=logical(
-                    nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)), ("slots", "slot_in", "embed")
-                ),
-                bias_init=logical(zeros, ("slots", "embed")),
-            )
+            shape = (s, motion.SLOT_WIDTH, d)
+            self.x_embedder = einsum(cfg, "blsw,swd->blsd", shape, ("slots", "slot_in", "embed"), rngs)
         else:
             self.x_embedder = dense(cfg, motion.MOTION_DIM, d, ("motion_in", "embed"), rngs)
         init = nnx.initializers.normal(0.02)
-        self.slot_embed = nnx.Param(init(rngs.params(), (s, d)))
-        self.prompt_embed = nnx.Param(init(rngs.params(), (s, d)))
+        self.slot_embed = nnx.Param(logical(init, ("slots", "embed_vec"))(rngs.params(), (s, d)))
+        self.prompt_embed = nnx.Param(logical(init, ("slots", "embed_vec"))(rngs.params(), (s, d)))
         self.video_embedder = dense(cfg, cfg.video_dim, d, ("video", "embed"), rngs)
-        self.null_video = nnx.Param(init(rngs.params(), (d,)))
-        self.blocks = self._make_blocks(cfg, rngs)
+        self.null_video = nnx.Param(logical(init, ("embed_vec",))(rngs.params(), (d,)))
+
+        @nnx.split_rngs(splits=cfg.depth // 2)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_pairs(rngs):
+            return BlockPair(cfg, rngs)
+
+        self.blocks = stacked_pairs(rngs)
         self.route_embedder = RouteEmbedder(cfg, rngs) if cfg.route_adaln else None
         self.final_layer = FinalLayer(cfg, rngs)
 
-    @staticmethod
-    def _make_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> BlockPair:
-        @nnx.split_rngs(splits=cfg.depth // 2)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def create(rngs):
-            return BlockPair(cfg, rngs)
-
-        return create(rngs)
-
     # -------------------------------------------------------------- conditioning
     def embed_video(self, video: jax.Array, drop: jax.Array | None = None) -> jax.Array:
-        """video [B, L, P, Dv] tokens -> [B, L, P, D].
-
-        drop [B] bool replaces an example's tokens by the learned null token (condition
-        dropout for classifier-free guidance). A fixed sine-cosine time embedding is added,
-        and with `patch_grid` a 2D one over the patches. With `video_norm` every channel of a
-        frame's tokens is first standardised over the frame's patches.
-        """
+        """video [B, L, P, Dv] tokens -> [B, L, P, D]. drop [B] bool replaces an example's tokens
+        by the learned null token (condition dropout for classifier-free guidance). A fixed
+        sine-cosine time embedding is added, and with `patch_grid` a 2D one over the patches.
+        With `video_norm` every channel of a frame's tokens is first standardised over its patches."""
         if self.cfg.video_norm:  # what differs between a frame's patches, at unit scale
             video = video.astype(jnp.float32)
             mean, var = video.mean(axis=2, keepdims=True), video.var(axis=2, keepdims=True)
@@ -415,21 +367,16 @@ class DiT(nnx.Module):
         if self.cfg.patch_grid is not None:
             rows, cols = self.cfg.patch_grid
             if rows * cols != video.shape[2]:
-                raise ValueError(f"model.patch_grid {rows}x{cols} does not match {video.shape[2]} video tokens per frame")
+                raise ValueError(
+                    f"model.patch_grid {rows}x{cols} does not match {video.shape[2]} video tokens per frame"
+                )
             emb = emb + sincos_2d_embedding(rows, cols, self.cfg.width)[None, None].astype(emb.dtype)
         return emb
 
     def video_kv(self, video_emb: jax.Array):
-        """The cross-attention keys/values of every block, stacked over block pairs.
-
-        Computed once per video by the sampler and reused for every step.
-        """
-
-        @nnx.vmap(in_axes=(0, None), out_axes=0)
-        def project(pair, emb):
-            return pair.video_kv(emb)
-
-        return project(self.blocks, video_emb)
+        """The cross-attention keys/values of every block, stacked over block pairs (the sampler
+        computes them once per video and reuses them for every step)."""
+        return nnx.vmap(lambda pair, emb: pair.video_kv(emb), in_axes=(0, None), out_axes=0)(self.blocks, video_emb)
 
     # -------------------------------------------------------------- forward
     def embed_motion(self, x: jax.Array, context_mask: jax.Array) -> jax.Array:
@@ -450,35 +397,32 @@ class DiT(nnx.Module):
         return self.route_embedder(video_emb[:, :n], context_mask[:, :n])
 
     def __call__(self, x, t, frame_mask, context_mask, *, video_emb=None, kv=None, route=None):
-        """Predict x0 and the variance value.
-
-        x [B, L, 161] noisy normalised motion (ignored at context and padded positions);
-        t [B] diffusion steps on the 1000-step scale; frame_mask [B, L] True on real
-        (context or motion) frames; context_mask [B, L] True on context frames. Give
-        video_emb [B, L, P, D] from `embed_video` or kv from `video_kv` (then, with
-        `route_adaln`, also route from `route_vector`).
-        Returns [B, L, 322] float32, zero on padded frames.
-        """
+        """Predict x0 and the variance value. x [B, L, 161] noisy normalised motion (ignored at
+        context and padded positions); t [B] diffusion steps on the 1000-step scale; frame_mask
+        [B, L] True on real (context or motion) frames; context_mask [B, L] True on context
+        frames. Give video_emb [B, L, P, D] from `embed_video` or kv from `video_kv` (then, with
+        `route_adaln`, also route from `route_vector`). Returns [B, L, 322] float32, zero on
+        padded frames."""
         if (video_emb is None) == (kv is None):
             raise ValueError("DiT: give exactly one of video_emb and kv")
         c = self.t_embedder(t).astype(self.cfg.compute_dtype)
         if self.route_embedder is not None:
             if route is None:
                 if video_emb is None:
-                    raise ValueError("DiT with route_adaln: pass route=model.route_vector(video_emb, context_mask) with kv")
+                    raise ValueError(
+                        "DiT with route_adaln: pass route=model.route_vector(video_emb, context_mask) with kv"
+                    )
                 route = self.route_vector(video_emb, context_mask)
             c = c + route.astype(c.dtype)
         h = self.embed_motion(x, context_mask)
-        route_mask = context_mask[:, : self.cfg.route_frames] if self.cfg.route_frames else None
-        policy = REMAT_POLICIES[self.cfg.remat]
 
         def step(h, pair, pair_kv):
             if pair_kv is None:
                 pair_kv = pair.video_kv(video_emb)
-            return pair(h, c, pair_kv, frame_mask, route_mask)
+            return pair(h, c, pair_kv, frame_mask, context_mask)
 
         if self.cfg.remat != "none":
-            step = nnx.remat(step, policy=policy)
+            step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat])
         scan = nnx.scan(step, in_axes=(nnx.Carry, 0, 0 if kv is not None else None), out_axes=nnx.Carry)
         h = scan(h, self.blocks, kv)
         out = self.final_layer(h, c)

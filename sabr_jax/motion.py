@@ -108,10 +108,7 @@ def _skew(v: Array) -> Array:
     xp = _xp(v)
     x, y, z = v[..., 0], v[..., 1], v[..., 2]
     zero = xp.zeros_like(x)
-    return xp.stack(
-        [xp.stack([zero, -z, y], -1), xp.stack([z, zero, -x], -1), xp.stack([-y, x, zero], -1)],
-        axis=-2,
-    )
+    return xp.stack([xp.stack([zero, -z, y], -1), xp.stack([z, zero, -x], -1), xp.stack([-y, x, zero], -1)], axis=-2)
 
 
 def matrix_to_axis_angle(m: Array) -> Array:
@@ -151,6 +148,30 @@ def _matrix_to_quaternion(m: Array) -> Array:
     return xp.where(q[..., :1] < 0, -q, q)
 
 
+# ---------------------------------------------------------------- untracked frames
+def fill_gaps(x: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """x [n, F] with its unknown frames (known [n] bool False) replaced by values made from
+    its known ones (numpy; what the pipeline puts at frames where the tracker lost the climber).
+
+    An unknown frame gets the linear interpolation in time between the nearest known frames
+    before and after it, or the one known neighbour's value where only one side has one;
+    zeros when no frame is known. Known frames are returned unchanged (bitwise), so a clip
+    without gaps comes back as it went in.
+    """
+    known = np.asarray(known, bool)
+    if known.all():
+        return x
+    if not known.any():
+        return np.zeros_like(x)
+    t = np.arange(len(x))
+    k = np.flatnonzero(known)
+    after = np.searchsorted(k, t)  # index into k of the first known frame >= t
+    # the known frames around t (both the first known one before it, the last one after it)
+    t0, t1 = k[np.clip(after - 1, 0, len(k) - 1)], k[np.clip(after, 0, len(k) - 1)]
+    frac = np.where(t1 > t0, (t - t0) / np.maximum(t1 - t0, 1), 0.0)[:, None].astype(x.dtype)
+    return np.where(known[:, None], x, (1 - frac) * x[t0] + frac * x[t1])
+
+
 # ---------------------------------------------------------------- normalisation
 @dataclasses.dataclass(frozen=True)
 class NormStats:
@@ -171,10 +192,7 @@ class NormStats:
             flat = flat[np.asarray(mask).reshape(-1).astype(bool)]
         if flat.shape[0] == 0:
             raise ValueError("NormStats.from_data: no frames selected to compute statistics from")
-        return cls(
-            mean=flat.mean(0).astype(np.float32),
-            std=np.maximum(flat.std(0), min_std).astype(np.float32),
-        )
+        return cls(mean=flat.mean(0).astype(np.float32), std=np.maximum(flat.std(0), min_std).astype(np.float32))
 
     @classmethod
     def identity(cls) -> NormStats:
@@ -193,5 +211,7 @@ class NormStats:
     def from_dict(cls, d: dict) -> NormStats:
         mean, std = np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32)
         if mean.shape != (MOTION_DIM,) or std.shape != (MOTION_DIM,):
-            raise ValueError(f"NormStats: expected mean and std of shape ({MOTION_DIM},), got {mean.shape}, {std.shape}")
+            raise ValueError(
+                f"NormStats: expected mean and std of shape ({MOTION_DIM},), got {mean.shape}, {std.shape}"
+            )
         return cls(mean, std)

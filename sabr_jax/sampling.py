@@ -4,15 +4,17 @@ and classifier-free guidance.
 A denoiser is a function (x_t [B, L, F], t [B] on the 1000-step scale) -> model output
 [B, L, 2F] (predicted x0, variance value). `denoiser` binds a DiT and one batch of video
 to that form, computing the video keys/values once for all steps; `make_sampler` jits
-the whole thing.
+the whole thing and returns what users want: each example's motion frames, and nothing
+from its context (route image) or padded positions.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sabr_jax.diffusion import GaussianDiffusion, at_step
@@ -31,13 +33,16 @@ def sample(
     eta: float = 0.0,
     known: jax.Array | None = None,
     known_mask: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Draw x0 of `shape` [B, L, F] by running the reverse process over all steps of `diffusion`.
 
     method: 'ddpm' (learned variance) or 'ddim' (eta = 0 is deterministic).
     known [B, L, F] and known_mask [B, L] bool: motion completion. The known frames are
     replaced by q(x_t | known) before every step and by `known` in every x0 prediction,
-    and are returned exactly. The same key gives the same output.
+    and are returned exactly. mask [B, L] bool: the positions to generate; the output is
+    exactly zero elsewhere (the values there are not a sample of anything). The same key
+    gives the same output.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"sampling method must be 'ddpm' or 'ddim', got {method!r}")
@@ -68,7 +73,8 @@ def sample(
 
     x = jax.random.normal(init_key, shape)
     x, _ = jax.lax.scan(step, x, jnp.arange(diffusion.num_steps - 1, -1, -1))
-    return x if keep is None else jnp.where(keep, known, x)
+    x = x if keep is None else jnp.where(keep, known, x)
+    return x if mask is None else jnp.where(mask[:, :, None], x, 0.0)
 
 
 def guided(conditional: Denoiser, unconditional: Denoiser, scale: float) -> Denoiser:
@@ -83,7 +89,9 @@ def guided(conditional: Denoiser, unconditional: Denoiser, scale: float) -> Deno
     return denoise
 
 
-def denoiser(graphdef, params, video, frame_mask, context_mask, *, guidance_scale: float = 1.0, cache_kv: bool = True) -> Denoiser:
+def denoiser(
+    graphdef, params, video, frame_mask, context_mask, *, guidance_scale: float = 1.0, cache_kv: bool = True
+) -> Denoiser:
     """Bind a DiT (graphdef, params) to one batch: video [B, L, P, Dv], masks [B, L].
 
     With cache_kv the cross-attention keys/values of every block are computed here, once,
@@ -95,7 +103,11 @@ def denoiser(graphdef, params, video, frame_mask, context_mask, *, guidance_scal
     def bind(drop):
         model = nnx.merge(graphdef, params)
         emb = model.embed_video(video, jnp.full(video.shape[:1], drop))
-        cond = {"kv": model.video_kv(emb), "route": model.route_vector(emb, context_mask)} if cache_kv else {"video_emb": emb}
+        cond = (
+            {"kv": model.video_kv(emb), "route": model.route_vector(emb, context_mask)}
+            if cache_kv
+            else {"video_emb": emb}
+        )
         return lambda x, t: nnx.merge(graphdef, params)(x, t, frame_mask, context_mask, **cond)
 
     if guidance_scale == 1.0:
@@ -103,22 +115,64 @@ def denoiser(graphdef, params, video, frame_mask, context_mask, *, guidance_scal
     return guided(bind(False), bind(True), guidance_scale)
 
 
-def make_sampler(graphdef, cfg):
-    """A jitted function (params, batch, key, known=None, known_mask=None) -> x0 [B, L, 161].
+def motion_frames(batch) -> jax.Array:
+    """[B, L] bool: the motion frames of a batch (real frames that are not context frames)."""
+    return batch["frame_mask"] & ~batch["context_mask"]
 
-    graphdef: the DiT's graph (nnx.split); cfg: the run config (diffusion and sample
-    sections). batch holds video [B, L, P, Dv], frame_mask and context_mask [B, L]. The
-    output is normalised motion: undo it with the run's NormStats. known / known_mask
-    (normalised motion, [B, L] bool) complete a partial climb.
+
+class Sampler:
+    """Samples motion for batches of video; made by `make_sampler`.
+
+    `sampler(params, batch, key, known=None, known_mask=None)` -> a list over the batch's
+    examples of their motion frames, numpy [T_i, 161] in time order (T_i: the example's
+    motion frames, frame_mask & ~context_mask), normalised: undo it with the run's NormStats
+    (`[stats.denormalize(m) for m in motions]`). Context (route image) and padded positions
+    are not in it. known [B, L, 161] (normalised, in the batch's layout) and known_mask
+    [B, L] bool complete a partial climb; the known frames come back exactly.
+
+    `sampler.padded(...)`, same arguments, is the jitted function itself, with fixed shapes
+    for use inside other jitted code or with sharded (multi-host) batches: it returns
+    (x0 [B, L, 161], motion_frames(batch) [B, L]) with x0 exactly zero off the motion frames.
     """
-    d, s = cfg.diffusion, cfg.sample
-    diffusion = GaussianDiffusion.create(d.num_steps, d.beta_start, d.beta_end, respace=s.steps)
 
-    @jax.jit
-    def run(params, batch, key, known=None, known_mask=None):
-        denoise = denoiser(graphdef, params, batch["video"], batch["frame_mask"], batch["context_mask"],
-                           guidance_scale=s.guidance_scale, cache_kv=s.cache_kv)
-        shape = batch["frame_mask"].shape + (MOTION_DIM,)
-        return sample(denoise, diffusion, key, shape, method=s.method, eta=s.eta, known=known, known_mask=known_mask)
+    def __init__(self, graphdef, cfg):
+        d, s = cfg.diffusion, cfg.sample
+        diffusion = GaussianDiffusion.create(d.num_steps, d.beta_start, d.beta_end, respace=s.steps)
 
-    return run
+        @jax.jit
+        def padded(params, batch, key, known=None, known_mask=None):
+            denoise = denoiser(
+                graphdef,
+                params,
+                batch["video"],
+                batch["frame_mask"],
+                batch["context_mask"],
+                guidance_scale=s.guidance_scale,
+                cache_kv=s.cache_kv,
+            )
+            shape, mask = batch["frame_mask"].shape + (MOTION_DIM,), motion_frames(batch)
+            x0 = sample(
+                denoise,
+                diffusion,
+                key,
+                shape,
+                method=s.method,
+                eta=s.eta,
+                known=known,
+                known_mask=known_mask,
+                mask=mask,
+            )
+            return x0, mask
+
+        self.padded = padded
+
+    def __call__(self, params, batch, key, known=None, known_mask=None) -> list[np.ndarray]:
+        x0, mask = jax.device_get(self.padded(params, batch, key, known, known_mask))
+        return [np.asarray(x[m]) for x, m in zip(x0, mask)]
+
+
+def make_sampler(graphdef, cfg) -> Sampler:
+    """A `Sampler` for the DiT graph `graphdef` (nnx.split) and the run config cfg (its
+    diffusion and sample sections). A batch holds video [B, L, P, Dv], frame_mask and
+    context_mask [B, L] (sabr_jax.data.pipeline lays examples out so)."""
+    return Sampler(graphdef, cfg)

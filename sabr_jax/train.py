@@ -7,8 +7,14 @@
 
 A workdir that holds a checkpoint is resumed from it (any mesh, any device count, any
 number of processes). SIGTERM (preemption) saves a checkpoint and exits with status 0;
-rerun the same command to go on. A non-finite step with on_nonfinite='stop' exits with
-status 1 without saving it. See launch/ for TPU pod, SLURM and single-host scripts.
+rerun the same command to go on. A non-finite step with on_nonfinite='stop' (or
+max_consecutive_skips of them in a row with 'skip') exits with status 1 without saving it.
+A second run on a workdir in use, a checkpoint written by another model, or a failed save
+(a full disk) stop with one line and status 1; an unreadable newest checkpoint is set
+aside and the one before it resumed (README, "Training"). See launch/ for TPU pod, SLURM and single-host scripts.
+
+The config is checked first (sabr_jax.config.validate); errors in the input are one line
+on stderr, `sabr-train: error: ...` (`--verbose` shows the traceback; see sabr_jax.cli).
 """
 
 from __future__ import annotations
@@ -17,22 +23,37 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from sabr_jax import checkpoint
+from sabr_jax import checkpoint, cli
+from sabr_jax import config as config_lib
 from sabr_jax.loop import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys with --config.KEY=VALUE.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py); override keys with --config.KEY=VALUE."
+)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one train step and print parameters, FLOPs and memory; do not train.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU topology (e.g. v5p:2x2x2) on any machine; needs the `tpu` extra.")
-_EXPORT = flags.DEFINE_string("export", None, "After training, write the EMA parameters (for sampling) to this directory.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and SLURM.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Compile one train step and print parameters, FLOPs and memory; do not train."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "With --dry_run: compile for this TPU topology (e.g. v5p:2x2x2) on any machine; needs the `tpu` extra.",
+)
+_EXPORT = flags.DEFINE_string(
+    "export", None, "After training, write the EMA parameters (for sampling) to this directory."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and SLURM."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
     "Call jax.distributed.initialize: 'auto' does when --coordinator_address is given, SLURM runs several tasks "
     "or a multi-host TPU slice is detected (TPU_WORKER_HOSTNAMES); 'on' always (it then finds the other processes "
     "itself on TPU pods, SLURM, Open MPI and Kubernetes); 'off' never.",
@@ -40,7 +61,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
 
 
 _LOCAL_DEVICES = flags.DEFINE_string(
-    "local_device_ids", None,
+    "local_device_ids",
+    None,
     "Devices this process drives, e.g. '0,1,2,3', or 'all' (SLURM_GPUS_ON_NODE of them). Under SLURM, JAX's "
     "default is one device per process (the task's SLURM_LOCALID): use 'all' with one task per node.",
 )
@@ -55,7 +77,10 @@ def _local_device_ids() -> list[int] | None:
         if count is None:
             raise app.UsageError("--local_device_ids=all needs SLURM_GPUS_ON_NODE; give the ids instead")
         return list(range(int(count)))
-    return [int(i) for i in value.split(",")]
+    try:
+        return [int(i) for i in value.split(",")]
+    except ValueError:
+        raise app.UsageError(f"--local_device_ids={value}: expected device ids such as 0,1,2,3, or 'all'") from None
 
 
 def _multihost_environment() -> bool:
@@ -69,20 +94,18 @@ def initialize_distributed() -> None:
     if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or _multihost_environment())):
         return
     if explicit:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                   local_device_ids=_local_device_ids())
+        jax.distributed.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, local_device_ids=_local_device_ids()
+        )
     else:
         jax.distributed.initialize(local_device_ids=_local_device_ids())
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+    config_lib.validate(cfg, data_dir=not _DRY_RUN.value)
     if _DRY_RUN.value:
         from sabr_jax.dry_run import report
 
@@ -93,15 +116,13 @@ def main(argv) -> None:
     if _EXPORT.value and result["status"] == "done":
         checkpoint.export_ema(_EXPORT.value, result["state"]["ema"], result["meta"])
         print(f"EMA parameters exported to {os.path.abspath(_EXPORT.value)}")
-    if result["status"] == "nonfinite":
-        sys.exit(f"training stopped at step {result['step']}: non-finite loss or gradients (on_nonfinite='stop')")
-    if result["status"] == "preempted":
-        sys.exit(0)
+    if result["status"] == "nonfinite":  # (the loop has printed why, and which checkpoint is newest)
+        sys.exit(1)
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    cli.run(main, "sabr-train")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sabr_jax import config as config_lib
 from sabr_jax import motion, sharding
+from sabr_jax.cli import UserError
+from sabr_jax.data.sources import resolve_shapes
 from sabr_jax.diffusion import GaussianDiffusion, space_timesteps
 from sabr_jax.model import DiT, DiTConfig
 
@@ -30,6 +34,10 @@ EVAL_TIMESTEPS = 8
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
+    if cfg.model.video_dim == config_lib.UNSET:
+        raise UserError(
+            "model.video_dim is unset (0): take it from the dataset first (sabr_jax.data.sources.resolve_shapes)"
+        )
     fields = dict(cfg.model)
     fields["attention"] = None if fields["attention"] == "auto" else fields["attention"]
     fields["route_frames"] = cfg.data.context_frames
@@ -72,16 +80,22 @@ def ema_update(ema, params, decay: float):
 
 @dataclasses.dataclass
 class Trainer:
-    """Everything static about a run: the model's graph, optimiser, schedule, mesh, shardings."""
+    """Everything static about a run: the model's graph, optimiser, schedule, mesh, shardings.
+
+    Construction first fills in cfg's unset data.num_patches and model.video_dim, in place,
+    from the dataset it names (sabr_jax.data.sources.resolve_shapes), so that whatever uses
+    cfg afterwards (the pipeline, the saved checkpoint config, an export) sees the values
+    the model is built with.
+    """
 
     cfg: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
 
     def __post_init__(self):
-        cfg = self.cfg
+        cfg = resolve_shapes(self.cfg)
         shards = sharding.batch_shards(self.mesh)
         if cfg.batch_size % (cfg.grad_accum * shards):
-            raise ValueError(
+            raise UserError(
                 f"batch_size {cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x the batch shards "
                 f"(mesh data x fsdp = {shards}): each micro-batch is split evenly over the devices"
             )
@@ -92,8 +106,12 @@ class Trainer:
         params_spec = sharding.param_specs(abstract_params, self.mesh)
         opt_shapes = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
         opt_spec = optax.tree_map_params(
-            self.tx, lambda _, spec: spec, opt_shapes, params_spec,
-            transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
+            self.tx,
+            lambda _, spec: spec,
+            opt_shapes,
+            params_spec,
+            transform_non_params=lambda _: P(),
+            is_leaf=lambda x: isinstance(x, P),
         )
         spec = {"params": params_spec, "ema": params_spec, "opt_state": opt_spec, "step": P(), "key": P()}
         self.state_sharding = jax.tree.map(
@@ -122,7 +140,9 @@ class Trainer:
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state (for restoring and ahead-of-time compiles)."""
         shapes = jax.eval_shape(self._init_fn(0))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
+        )
 
     def model(self, params) -> DiT:
         return nnx.merge(self.graphdef, params)
@@ -151,15 +171,28 @@ class Trainer:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
 
     def loss(self, params, batch, rand):
-        """batch: motion [B, L, 161], video [B, L, P, Dv], frame_mask, context_mask [B, L];
-        rand: the step's random inputs for these examples (see `draw`)."""
+        """batch: motion [B, L, 161] (normalised), video [B, L, P, Dv], frame_mask, context_mask
+        [B, L] bool, and optionally motion_mask [B, L] bool (sabr_jax.data.pipeline; absent:
+        every motion frame is tracked); rand: the step's random inputs for these examples
+        (see `draw`).
+
+        The loss counts the motion frames (frame_mask, not context_mask) whose motion_mask is
+        True. Motion frames whose motion_mask is False (the tracker lost the climber) are
+        left out of the loss exactly as padding is, but stay in the sequence: their video
+        tokens condition the model and they take part in attention, with the motion the
+        pipeline gives them (the interpolation of the tracked frames around them,
+        `motion.fill_gaps`) as the noised input.
+        """
         x0, frame_mask, context_mask = batch["motion"], batch["frame_mask"], batch["context_mask"]
+        counted = frame_mask & ~context_mask
+        if "motion_mask" in batch:
+            counted = counted & batch["motion_mask"]
         t = rand["t"]
         x_t = self.diffusion.q_sample(x0, t, rand["noise"])
         drop = rand["drop"] if self.cfg.cond_drop_prob > 0 else None
         model = self.model(params)
         out = model(x_t, t, frame_mask, context_mask, video_emb=model.embed_video(batch["video"], drop))
-        return self.diffusion.loss(out, x0, x_t, t, frame_mask & ~context_mask, self.feature_weights)
+        return self.diffusion.loss(out, x0, x_t, t, counted, self.feature_weights)
 
     @functools.cached_property
     def feature_weights(self) -> np.ndarray | None:
@@ -211,9 +244,11 @@ class Trainer:
         has a counted frame (always so for pipeline batches).
         """
         a = self.cfg.grad_accum
+
         def split(x):
             x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
             return self._constrain(x, None, sharding.BATCH)
+
         return jax.tree.map(split, tree)
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
@@ -231,12 +266,15 @@ class Trainer:
         if accum == 1:
             (loss, terms), grads = grad_fn(state["params"], batch, rand)
         else:
+
             def accumulate(carry, inputs):
                 mb, mr = inputs
                 (loss, terms), grads = grad_fn(state["params"], mb, mr)
                 return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
 
-            zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"mse": jnp.zeros(()), "vlb": jnp.zeros(())}, state["params"]))
+            zero = jax.tree.map(
+                jnp.zeros_like, (jnp.zeros(()), {"mse": jnp.zeros(()), "vlb": jnp.zeros(())}, state["params"])
+            )
             (loss, terms, grads), _ = jax.lax.scan(accumulate, zero, (self.split_micro(batch), self.split_micro(rand)))
             loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
 
@@ -244,15 +282,13 @@ class Trainer:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {
-            "params": params,
-            "ema": ema_update(state["ema"], params, self.cfg.ema_decay),
-            "opt_state": opt_state,
-        }
+        new = {"params": params, "ema": ema_update(state["ema"], params, self.cfg.ema_decay), "opt_state": opt_state}
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
         new.update(step=state["step"] + 1, key=state["key"])
         metrics = {
-            "loss": loss, **terms, "grad_norm": grad_norm,
+            "loss": loss,
+            **terms,
+            "grad_norm": grad_norm,
             "finite": finite.astype(jnp.float32),
             "loss_finite": jnp.isfinite(loss).astype(jnp.float32),
             "grad_leaf_finite": jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),

@@ -19,7 +19,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from sabr_jax import attention  # noqa: E402
 from sabr_jax.attention import dot_product_attention  # noqa: E402
@@ -49,7 +50,7 @@ def make_inputs(batch, len_q, len_k, heads, head_dim, masked, seed=0, dtype=jnp.
         return q, k, v, None
     mask = rng.random((batch, len_k)) < 0.6
     mask[0] = True
-    mask[1 % batch, len_k // 3:] = False  # padding-like tail
+    mask[1 % batch, len_k // 3 :] = False  # padding-like tail
     mask[2 % batch] = False  # no key at all -> zeros
     return q, k, v, jnp.asarray(mask)
 
@@ -104,8 +105,9 @@ def test_gradients_match_reference(implementation):
     def loss(fn):
         return lambda q, k, v: jnp.sum(weights * fn(q, k, v, mask))
 
-    ours = jax.grad(loss(lambda *a: dot_product_attention(*a, implementation=implementation)),
-                    argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(loss(lambda *a: dot_product_attention(*a, implementation=implementation)), argnums=(0, 1, 2))(
+        q, k, v
+    )
     expected = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
     for g, g_ref in zip(ours, expected):
         assert np.all(np.isfinite(np.asarray(g)))
@@ -117,8 +119,9 @@ def test_default_on_cpu_is_xla_and_keeps_dtype():
     q, k, v, mask = make_inputs(2, 9, 13, 2, 8, masked=True, dtype=jnp.bfloat16)
     out = dot_product_attention(q, k, v, mask)
     assert out.dtype == jnp.bfloat16
-    assert_close(out.astype(jnp.float32),
-                 dot_product_attention(q, k, v, mask, implementation="xla").astype(jnp.float32), 0)
+    assert_close(
+        out.astype(jnp.float32), dot_product_attention(q, k, v, mask, implementation="xla").astype(jnp.float32), 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,8 +164,7 @@ def test_splash_runs_in_shard_map_under_a_mesh(axis_type):
         assert_close(jax.jit(splash)(q, k, v, mask), expected, 1e-5)
         # Inside a caller's shard_map over part of the mesh.
         inputs = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v, mask)]
-        nested = jax.shard_map(splash, in_specs=P("data"), out_specs=P("data"),
-                               axis_names={"data"}, check_vma=False)
+        nested = jax.shard_map(splash, in_specs=P("data"), out_specs=P("data"), axis_names={"data"}, check_vma=False)
         assert_close(jax.jit(nested)(*inputs), expected, 1e-5)
 
 
@@ -192,15 +194,15 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 def test_splash_sharded_over_four_cpu_devices():
     """Batch over ('data', 'fsdp') and heads over 'tensor', numbers unchanged."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
-    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     max_diff = float(result.stdout.split("MAXDIFF")[1])
     assert max_diff < 1e-5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs libtpu (pip install 'sabr_jax[tpu]')")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'sabr_jax[tpu]')")
 def test_splash_compiles_ahead_of_time_for_v5p():
     from jax.experimental import topologies
 
@@ -215,8 +217,7 @@ def test_splash_compiles_ahead_of_time_for_v5p():
     batch, length, heads, head_dim = 4, 300, 4, 64
     rows = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
     x = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16, sharding=rows)
-    mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_,
-                                sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
 
     def loss(q, k, v, kv_mask):
         out = dot_product_attention(q, k, v, kv_mask, implementation="splash")

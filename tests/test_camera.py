@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sabr_jax import camera, motion as M, skeleton
+from sabr_jax import camera, skeleton
+from sabr_jax import motion as M
 
 
 def _random_rotations(seed, shape):
@@ -78,7 +79,9 @@ def test_crop_to_full_formula():
     f = 5000 / 256 * 320
     expected = [0.1 + 2 * (cx - w / 2) / (b * 0.8), -0.2 + 2 * (cy - h / 2) / (b * 0.8), 2 * f / (b * 0.8)]
     np.testing.assert_allclose(np.asarray(camera.crop_to_full(cam, bbox, (h, w))), expected, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(camera.crop_to_full(cam, bbox, (h, w), focal=1000.0))[2], 2000 / 72, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(camera.crop_to_full(cam, bbox, (h, w), focal=1000.0))[2], 2000 / 72, rtol=1e-6
+    )
 
 
 def test_joint_pixels_reads_the_motion_vector():

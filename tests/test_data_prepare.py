@@ -12,15 +12,17 @@ import av
 import joblib
 import numpy as np
 import pytest
+from console import script
 
-from sabr_jax.data import pipeline
+from sabr_jax.data import pipeline, synth, tfds_source
 from sabr_jax.data import prepare as P
-from sabr_jax.data import synth
-from sabr_jax.data import tfds_source
+from sabr_jax.data.frame_encoder import FrameEncoder, make_encoder
+from sabr_jax.data.prepare_settings import Settings
 from sabr_jax.data.prepared import PreparedClip
 
 # tiny frames and encoder input (2x4 = 8 patches), random-tiny encoder (Dv = 32): the demo's shapes
-SIZE_ARGS = ["--frame_size", "64x112", "--encoder_size", "28x56", "--encoder", "random-tiny"]
+SIZE_ARGS = ["--frame_size", "64x112", "--encoder_size", "28x56", "--encoder", "random-tiny", "--context_frames", "2"]
+SETTINGS = dict(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), context_frames=2)
 GOOD = ["good0", "good1", "good2", "good3", "good4"]
 BAD = {
     "bad_truncated": "cannot open video",
@@ -40,13 +42,19 @@ class Exploit:
 
 
 def make_clips(root):
-    """Good clips (one at 24 FPS, the others 30 FPS) and one bad clip per failure kind."""
+    """Good clips (one at 24 FPS, the others 30 FPS; the tracker loses the climber for 3 frames in
+    each) and one bad clip per failure kind. good0 has 3 route images, 1.png, 2.png (the same
+    image) and 10.png (another), of which --context_frames 2 keeps 1.png and 2.png."""
     truth = {}
     for i, name in enumerate(GOOD):
         fps = 24 if i == 0 else 30
         truth[name] = synth.make_clip(
             root / name, seed=i, seconds=2.0, fps=fps, height=64, width=112, context=2, pan=True, tracker_gaps=True
         )
+    context = root / "good0" / "context"
+    shutil.copy(context / "000.png", context / "2.png")
+    (context / "000.png").rename(context / "1.png")
+    (context / "001.png").rename(context / "10.png")
 
     def bad(name, seed=50):
         info = synth.make_clip(root / name, seed=seed, seconds=1.0, fps=24, height=64, width=112)
@@ -75,7 +83,7 @@ def make_clips(root):
 
     t = bad("bad_frame_count")
     last = t[sorted(t)[-1]]
-    for k in range(10):  # tracks for 10 frames after the video's end
+    for _ in range(10):  # tracks for 10 frames after the video's end
         t[f"{len(t) + 1:06d}.jpg"] = copy.deepcopy(last)
     joblib.dump(t, root / "bad_frame_count" / "tracks.pkl", compress=3)
 
@@ -89,9 +97,18 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     clips, data = root / "clips", root / "data"
     truth = make_clips(clips)
-    rc = P.main([str(clips), "--data_dir", str(data), *SIZE_ARGS, "--validation_fraction", "0.2"])
+    done = script("sabr-prepare", clips, "--data_dir", data, *SIZE_ARGS, "--validation_fraction", "0.2")
+    assert (data / P.REPORT).is_file(), done.stderr[-3000:]
     report = json.loads((data / P.REPORT).read_text())
-    return {"root": root, "clips": clips, "data": data, "truth": truth, "rc": rc, "report": report}
+    return {
+        "root": root,
+        "clips": clips,
+        "data": data,
+        "truth": truth,
+        "rc": done.returncode,
+        "report": report,
+        "stdout": done.stdout,
+    }
 
 
 def test_report_lists_good_and_skipped(built):
@@ -110,8 +127,49 @@ def test_report_lists_good_and_skipped(built):
     assert report["dataset"]["splits"]["validation"]["clips"] == 1
 
 
+def test_report_counts_masked_frames(built):
+    """Each clip loses the climber for 3 source frames: they are kept, masked, and counted."""
+    report = built["report"]
+    expected = {c: int((~_expected(built["truth"][c])[2]).sum()) for c in GOOD}
+    assert report["masked_frames"] == expected
+    assert expected["good0"] == 3 and all(n >= 2 for n in expected.values())  # 24 FPS: all 3; 30 FPS: 2 or 3
+    assert (
+        f"masked frames (the tracker lost the climber; kept in place, out of the loss): {sum(expected.values())} in 5 clips"
+        in built["stdout"]
+    )
+    assert "good0 3" in built["stdout"]
+
+
+def test_route_images_in_natural_order_and_drops_named(built):
+    meta = PreparedClip(built["data"] / P.PREPARED / "good0").meta
+    assert meta["context_files"] == ["1.png", "2.png"] and meta["context_dropped"] == ["10.png"]
+    context = PreparedClip(built["data"] / P.PREPARED / "good0").context()
+    np.testing.assert_array_equal(context[0], context[1])  # 1.png and 2.png (the same image), not 10.png
+    warning = [w for w in built["report"]["warnings"] if w.startswith("good0: ")]
+    assert (
+        len(warning) == 1
+        and "more route images than --context_frames=2; dropped (in natural name order, the first ones are kept): 10.png"
+        in warning[0]
+    )
+    assert f"warning: {warning[0]}" in built["stdout"]
+    assert not any(w.startswith("good1: ") for w in built["report"]["warnings"])
+
+
+def test_read_context_natural_order(tmp_path):
+    from PIL import Image
+
+    for name in ["10.png", "2.png", "1.png", "11.png"]:
+        Image.fromarray(np.full((4, 6, 3), 10 * int(name.split(".")[0]), np.uint8)).save(tmp_path / name)
+    names, frames, dropped = P.vid.read_context(tmp_path, None, limit=3)
+    assert names == ["1.png", "2.png", "10.png"] and dropped == ["11.png"]
+    assert frames[:, 0, 0, 0].tolist() == [10, 20, 100]
+    assert P.vid.read_context(tmp_path, None)[0] == ["1.png", "2.png", "10.png", "11.png"]
+
+
 def _expected(truth):
-    """Kept source frames and motion for a clip, computed independently of the library."""
+    """(source frame of every kept output frame, motion [F, 161], motion_mask [F]) for a clip,
+    computed independently of the library: every output frame from the first to the last
+    one showing the climber; zero motion where the climber is not tracked."""
     tracks, present, fps = truth["tracks"], truth["present"], truth["fps"]
     n = len(present)
     height, width = truth["size"]
@@ -122,10 +180,14 @@ def _expected(truth):
         j = int(np.floor(exact)) if exact - np.floor(exact) <= 0.5 else int(np.ceil(exact))
         out.append(min(j, n - 1))
         k += 1
-    kept = [j for j in out if present[j]]
+    first, last = np.flatnonzero(present)[[0, -1]]
+    kept = [j for j in out if first <= j <= last]
     names = sorted(tracks)
     vectors = []
     for j in kept:
+        if not present[j]:
+            vectors.append(np.zeros(161))
+            continue
         frame = tracks[names[j]]
         p = frame["tid"].index(synth.CLIMBER)
         rot = np.concatenate([frame["smpl"][p]["global_orient"], frame["smpl"][p]["body_pose"]])
@@ -139,7 +201,7 @@ def _expected(truth):
                 ]
             )
         )
-    return kept, np.asarray(vectors, np.float32)
+    return kept, np.asarray(vectors, np.float32), present[kept]
 
 
 def _all_clips(data):
@@ -155,20 +217,25 @@ def test_motion_read_back_equals_tracks_written(built):
     clips = _all_clips(built["data"])
     assert sorted(clips) == GOOD
     for clip_id in GOOD:
-        kept, expected = _expected(built["truth"][clip_id])
+        kept, expected, mask = _expected(built["truth"][clip_id])
         meta = PreparedClip(built["data"] / P.PREPARED / clip_id).meta
         assert meta["source_frame_of"] == kept, clip_id
+        assert meta["format"] == 2 and meta["masked_frames"] == (~mask).sum() > 0
         source, i = clips[clip_id]
         assert source.num_frames(i) == len(kept) and source.num_context(i) == 2
         clip = source.read(i, 0, source.num_frames(i))
         np.testing.assert_allclose(clip["motion"], expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(clip["motion_mask"], mask)
+        # video and motion stay aligned in time: one token frame per kept output frame, gaps included
         assert clip["video"].shape == (len(kept), 8, 32) and clip["context"].shape == (2, 8, 32)
         assert str(clip["video"].dtype) == "bfloat16"
-        # the 24-FPS clip keeps every source frame that shows the climber; 30 FPS drops ~1 in 5
+        # the 24-FPS clip keeps every source frame, the 3 the tracker lost too (masked); 30 FPS drops ~1 in 5
         if built["truth"][clip_id]["fps"] == 24:
-            assert kept == list(np.flatnonzero(built["truth"][clip_id]["present"]))
+            present = built["truth"][clip_id]["present"]
+            assert kept == list(range(len(present))) and not present.all()
         window = source.read(i, 5, 9)
         np.testing.assert_array_equal(window["motion"], clip["motion"][5:9])
+        np.testing.assert_array_equal(window["motion_mask"], clip["motion_mask"][5:9])
         np.testing.assert_array_equal(window["video"], clip["video"][5:9])
         prepared = PreparedClip(built["data"] / P.PREPARED / clip_id)
         np.testing.assert_array_equal(clip["video"], prepared.video())
@@ -179,8 +246,10 @@ def test_motion_read_back_equals_tracks_written(built):
 
 def test_norm_stats_from_train_split(built):
     source, stats = tfds_source.open_tfds(built["data"], "train")
-    motion = np.concatenate([source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))])
+    clips = [source.read(i, 0, source.num_frames(i)) for i in range(len(source))]
+    motion = np.concatenate([c["motion"][c["motion_mask"]] for c in clips])  # tracked frames only
     np.testing.assert_allclose(stats.mean, motion.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats.std, np.maximum(motion.std(0), 1e-3), rtol=1e-3, atol=1e-5)  # (floored)
     saved = json.loads((built["data"] / P.NORM_STATS).read_text())
     np.testing.assert_allclose(saved["mean"], stats.mean, rtol=1e-6)
     _, val_stats = tfds_source.open_tfds(built["data"], "validation")
@@ -202,13 +271,21 @@ def test_grain_batches_shapes_masks_values(built):
     positions = np.arange(48)
     for r in range(2):
         np.testing.assert_array_equal(batch["frame_mask"][r], positions < used[r])  # a prefix, then padding
-        assert not batch["motion"][r, used[r]:].any() and not batch["video"][r, used[r]:].astype(np.float32).any()
+        assert not batch["motion"][r, used[r] :].any() and not batch["video"][r, used[r] :].astype(np.float32).any()
     assert (used >= 2 + 40).all()  # each clip has >= 40 frames: the window is as long as fits
-    # the motion of a batch row is a window of some clip, normalised
-    clips = [source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))]
+    np.testing.assert_array_equal(
+        batch["motion_mask"], batch["frame_mask"] & ~batch["context_mask"] & batch["motion_mask"]
+    )
+    # the motion of a batch row is a window of some clip, normalised, with its tracked frames' mask
+    clips = [source.read(i, 0, source.num_frames(i)) for i in range(len(source))]
     n = used[0] - 2
-    row = stats.denormalize(batch["motion"][0, 2 : 2 + n])
-    assert any(np.allclose(row, m[s : s + n], atol=1e-5) for m in clips for s in range(len(m) - n + 1))
+    row, tracked = stats.denormalize(batch["motion"][0, 2 : 2 + n]), batch["motion_mask"][0, 2 : 2 + n]
+    assert any(
+        np.array_equal(tracked, c["motion_mask"][s : s + n])
+        and np.allclose(row[tracked], c["motion"][s : s + n][tracked], atol=1e-5)
+        for c in clips
+        for s in range(len(c["motion"]) - n + 1)
+    )
     assert not batch["motion"][0, :2].any()  # context positions carry no motion
 
 
@@ -233,10 +310,14 @@ def _which_clip(batch, row, clips, stats):
     """The clip whose motion window fills row `row` of a batch (context first, then motion)."""
     used = int(batch["frame_mask"][row].sum())
     first = int(batch["context_mask"][row].sum())
-    window = stats.denormalize(batch["motion"][row, first:used])
+    window, tracked = stats.denormalize(batch["motion"][row, first:used]), batch["motion_mask"][row, first:used]
     found = [
-        i for i, m in enumerate(clips)
-        if any(np.allclose(window, m[s : s + len(window)], atol=1e-5) for s in range(len(m) - len(window) + 1))
+        i
+        for i, m in enumerate(clips)
+        if any(
+            np.allclose(window[tracked], m[s : s + len(window)][tracked], atol=1e-5)
+            for s in range(len(m) - len(window) + 1)
+        )
     ]
     assert len(found) == 1, found
     return found[0]
@@ -273,7 +354,9 @@ def test_check_config(built):
     cfg = get_config()
     source, _ = tfds_source.open_tfds(built["data"], "train", cfg=cfg)  # demo: P 8, Dv 32
     cfg.model.video_dim = 384
-    with pytest.raises(tfds_source.DatasetMismatchError, match="model.video_dim=384 but the dataset's tokens are 32 wide"):
+    with pytest.raises(
+        tfds_source.DatasetMismatchError, match="model.video_dim=384 but the dataset's tokens are 32 wide"
+    ):
         tfds_source.check(cfg, source)
     cfg = get_config()
     cfg.data.num_patches = 700
@@ -281,13 +364,86 @@ def test_check_config(built):
         tfds_source.open_tfds(built["data"], "train", cfg=cfg)
 
 
+def _tfds_config(data, **data_overrides):
+    """The demo config on the prepared dataset, with tiny shapes for a quick run."""
+    from sabr_jax.config import demo_config
+
+    cfg = demo_config()
+    cfg.model.update(width=32, heads=4, depth=2)
+    cfg.data.update(source="tfds", dir=str(data), max_frames=16, context_frames=2, **data_overrides)
+    return cfg
+
+
+def test_unset_shapes_come_from_the_dataset(built):
+    from sabr_jax.config import base_config
+    from sabr_jax.data.sources import resolve_shapes
+
+    assert base_config().data.num_patches == base_config().model.video_dim == 0  # unset by default
+    cfg = _tfds_config(built["data"], num_patches=0)
+    cfg.model.video_dim = 0
+    assert resolve_shapes(cfg) is cfg and (cfg.data.num_patches, cfg.model.video_dim) == (8, 32)
+    cfg = _tfds_config(built["data"], num_patches=0)
+    cfg.model.video_dim = 384  # set and wrong: an error, whatever is unset
+    with pytest.raises(
+        tfds_source.DatasetMismatchError, match="model.video_dim=384 but the dataset's tokens are 32 wide"
+    ):
+        resolve_shapes(cfg)
+    cfg = _tfds_config(built["data"], num_patches=0)
+    cfg.model.patch_grid = (4, 7)
+    with pytest.raises(
+        tfds_source.DatasetMismatchError, match=r"model.patch_grid=\(4, 7\) has 28 positions but the dataset has 8"
+    ):
+        resolve_shapes(cfg)
+    cfg = base_config()  # no dataset to read (the synthetic source, a dry run): the paper's DINOv2-L shapes
+    assert (resolve_shapes(cfg).data.num_patches, cfg.model.video_dim) == (700, 1024)
+
+
+def test_training_on_the_dataset_with_unset_shapes(built, tmp_path):
+    """A short run on the prepared dataset (masked frames in its batches) with data.num_patches and
+    model.video_dim left unset: they come from the dataset, into the saved config too."""
+    from sabr_jax.loop import train
+
+    cfg = _tfds_config(built["data"], num_patches=0)
+    cfg.model.video_dim = 0
+    cfg.update(batch_size=2, total_steps=2, checkpoint_every=2, eval_every=2, eval_batches=1, log_every=1)
+    result = train(cfg, str(tmp_path / "run"))
+    assert result["status"] == "done" and result["step"] == 2
+    saved = result["meta"]["config"]
+    assert (saved["data"]["num_patches"], saved["model"]["video_dim"]) == (8, 32)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records) and np.isfinite(records[-1]["val_x0_mse"])
+
+
+def test_old_formats_are_rebuilt_or_refused(built, tmp_path):
+    from sabr_jax.data import tfds_builder
+
+    # a prepared clip of format 1 (no motion_mask) is prepared again
+    settings = Settings(**SETTINGS)
+    shutil.copytree(built["data"] / P.PREPARED / "good1", tmp_path / P.PREPARED / "good1")
+    assert P._is_finished(tmp_path / P.PREPARED, "good1", settings)
+    meta_path = tmp_path / P.PREPARED / "good1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["format"], meta["settings"]["format"], meta["settings"]["context_frames"]
+    meta_path.write_text(json.dumps(meta))
+    assert not P._is_finished(tmp_path / P.PREPARED, "good1", settings)
+    # a dataset of format 1 is refused with what to do
+    shutil.copytree(P.dataset_dir(built["data"]), tmp_path / "ds")
+    index = json.loads((tmp_path / "ds" / tfds_builder.INDEX_FILE).read_text())
+    (tmp_path / "ds" / tfds_builder.INDEX_FILE).write_text(json.dumps(dict(index, format=1)))
+    with pytest.raises(
+        tfds_source.DatasetMismatchError, match="dataset format 1, this sabr_jax reads format 2 .* rerun sabr-prepare"
+    ):
+        tfds_source.open_tfds(tmp_path / "ds", "train")
+
+
 def test_rerun_skips_finished_clips(built, capsys):
     data = built["data"]
     created = {c: PreparedClip(data / P.PREPARED / c).meta["created"] for c in GOOD}
-    rc = P.main([str(built["clips"]), "--data_dir", str(data), *SIZE_ARGS, "--validation_fraction", "0.2"])
+    settings = Settings(**SETTINGS, validation_fraction=0.2)
+    P.prepare(built["clips"], data, settings)
     out = capsys.readouterr().out
     report = json.loads((data / P.REPORT).read_text())
-    assert rc == 0
+    assert "error" not in report
     assert report["resumed"] == GOOD and report["prepared_now"] == []
     assert "loading encoder" in out  # the bad clips are retried (and fail again)
     assert sorted(s["clip_id"] for s in report["skipped"]) == sorted(BAD)
@@ -297,7 +453,7 @@ def test_rerun_skips_finished_clips(built, capsys):
 
 def test_long_clips_are_cut_into_parts(built, tmp_path):
     shutil.copytree(built["data"] / P.PREPARED, tmp_path / P.PREPARED)
-    settings = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), max_seconds=1.0, validation_fraction=0.0)
+    settings = Settings(**SETTINGS, max_seconds=1.0, validation_fraction=0.0)
     P.build_dataset(tmp_path, settings, GOOD, log=lambda s: None)
     source, _ = tfds_source.open_tfds(tmp_path, "train")
     ids = [source.clip_id(i) for i in range(len(source))]
@@ -321,14 +477,18 @@ def test_split_is_deterministic_and_by_clip():
     assert P.cut(100, 45) == [(0, 33), (33, 67), (67, 100)]
 
 
-def test_refuses_without_encoder(tmp_path, capsys):
-    assert P.main([str(tmp_path), "--data_dir", str(tmp_path / "d")]) == 2
-    err = capsys.readouterr().err
-    assert "--encoder is required" in err and "random-s" in err
+def test_exit_status_1_when_no_dataset_is_built(tmp_path):
+    (tmp_path / "clips").mkdir()
+    done = script("sabr-prepare", tmp_path / "clips", "--data_dir", tmp_path / "data", "--encoder", "random-tiny")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (
+        json.loads((tmp_path / "data" / P.REPORT).read_text())["error"] == "no clip could be prepared: nothing to build"
+    )
+    assert "ERROR: no clip could be prepared" in done.stdout
 
 
 def test_hosts_split_clips(built, tmp_path):
-    settings = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56))
+    settings = Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56))
     done = []
     for host in range(2):
         r = P.encode_clips(built["clips"], tmp_path, settings, process_index=host, process_count=2, log=lambda s: None)
@@ -339,12 +499,13 @@ def test_hosts_split_clips(built, tmp_path):
 
 def test_encoder_data_parallel_over_local_devices(tmp_path):
     """Two CPU devices: the batch is split between them and the tokens equal one device's."""
-    script = textwrap.dedent(
+    child = textwrap.dedent(
         """
         import jax, numpy as np
         from sabr_jax.data import prepare as P
-        s = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=3)
-        enc = P.FrameEncoder(P.make_encoder(s), s)
+        from sabr_jax.data.prepare_settings import Settings
+        s = Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=3)
+        enc = FrameEncoder(make_encoder(s), s)
         assert len(jax.local_devices()) == 2 and enc.batch == 4
         frames = np.random.default_rng(0).integers(0, 255, (7, 64, 112, 3), dtype=np.uint8)
         out = []
@@ -353,10 +514,10 @@ def test_encoder_data_parallel_over_local_devices(tmp_path):
         """
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    subprocess.run([sys.executable, "-c", script % (tmp_path / "two.npy")], check=True, env=env)
+    subprocess.run([sys.executable, "-c", child % (tmp_path / "two.npy")], check=True, env=env)
     two = np.load(tmp_path / "two.npy")
-    s = P.Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=4)
-    enc = P.FrameEncoder(P.make_encoder(s), s)
+    s = Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=4)
+    enc = FrameEncoder(make_encoder(s), s)
     frames = np.random.default_rng(0).integers(0, 255, (7, 64, 112, 3), dtype=np.uint8)
     out = []
     enc.stream(iter(frames), out.append)
@@ -364,7 +525,8 @@ def test_encoder_data_parallel_over_local_devices(tmp_path):
 
 
 def test_synth_cli_writes_the_user_layout(tmp_path):
-    synth.main(["--out", str(tmp_path), "--clips", "2", "--holds", "3", "--size", "32x48"])
+    done = script("sabr-synth", "--out", tmp_path, "--clips", "2", "--holds", "3", "--size", "32x48")
+    assert done.returncode == 0, done.stderr[-3000:]
     for clip in ("clip000", "clip001"):
         folder = tmp_path / clip
         assert (folder / "video.mp4").stat().st_size > 0 and (folder / "holds.json").is_file()
@@ -374,4 +536,6 @@ def test_synth_cli_writes_the_user_layout(tmp_path):
         tracks = P.tr.load_tracks(folder / "tracks.pkl")
         with av.open(str(folder / "video.mp4")) as video:
             frames = sum(1 for _ in video.decode(video=0))
-        assert len(tracks) == frames == 24 and {"tid", "tracked_ids", "bbox", "smpl", "camera_bbox", "size"} <= set(tracks["000001.jpg"])
+        assert len(tracks) == frames == 24 and {"tid", "tracked_ids", "bbox", "smpl", "camera_bbox", "size"} <= set(
+            tracks["000001.jpg"]
+        )

@@ -8,15 +8,23 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = [
-    "--config.synth.clips=5", "--config.synth.holds=3", "--config.total_steps=4", "--config.log_every=2",
-    "--config.eval_every=2", "--config.checkpoint_every=2", "--config.batch_size=2", "--config.sample.steps=3",
+    "--config.synth.clips=5",
+    "--config.synth.holds=3",
+    "--config.total_steps=4",
+    "--config.log_every=2",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+    "--config.batch_size=2",
+    "--config.sample.steps=3",
     "--config.data.max_frames=32",
 ]
 
 
 def run_demo(workdir, *extra):
     cmd = [sys.executable, "-m", "sabr_jax.demo", "--workdir", str(workdir), *SHORT, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
 
 
 def test_short_demo_runs_end_to_end_and_resumes(tmp_path):

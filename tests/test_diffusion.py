@@ -28,7 +28,7 @@ def test_posterior_mean_is_the_gaussian_product():
     t = jnp.array([5, 700])
     mean, var, _ = d.q_posterior_mean_variance(jnp.asarray(x0), jnp.asarray(xt), t)
     for i, ti in enumerate(np.asarray(t)):
-        a, ab, ab_prev = 1 - d.betas[ti], d.alphas_cumprod[ti], d.alphas_cumprod[ti - 1]
+        a, ab_prev = 1 - d.betas[ti], d.alphas_cumprod[ti - 1]
         # product of N(x_{t-1}; sqrt(ab_prev) x0, 1 - ab_prev) and N(x_t; sqrt(a) x_{t-1}, 1 - a)
         precision = 1 / (1 - ab_prev) + a / (1 - a)
         expected = (np.sqrt(ab_prev) * x0[i] / (1 - ab_prev) + np.sqrt(a) * xt[i] / (1 - a)) / precision

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from sabr_jax.encoders import dinov2
+from sabr_jax.encoders.resize import resize_matrix
 
 LANDSCAPE = (280, 490)
 PORTRAIT = (490, 280)
@@ -118,33 +119,43 @@ def _assert_matches(encoder, model, pixels, atol=1e-4):
 # --------------------------------------------------------------------------
 
 
+def _saved_hf_model(tmp_path_factory, name: str, seed: int, **config):
+    """A randomised HF model and the `save_pretrained` folder it was written to."""
+    model = _hf_model(seed, **config)
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    return model, folder
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """ViT with width 128, 2 heads (head_dim 64), 2 blocks, 9x9 position grid."""
-    model = _hf_model(0, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=126)
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    model.save_pretrained(folder)
-    return model, folder
+    return _saved_hf_model(
+        tmp_path_factory, "tiny_hf", 0, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=126
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_swiglu(tmp_path_factory):
     """The ViT-g block type (SwiGLU FFN) at width 128."""
-    model = _hf_model(
-        1, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=70, use_swiglu_ffn=True
+    return _saved_hf_model(
+        tmp_path_factory,
+        "tiny_swiglu_hf",
+        1,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=70,
+        use_swiglu_ffn=True,
     )
-    folder = tmp_path_factory.mktemp("tiny_swiglu_hf")
-    model.save_pretrained(folder)
-    return model, folder
 
 
 @pytest.fixture(scope="module")
 def large2(tmp_path_factory):
     """ViT-L/14 shapes and names (width 1024, 16 heads, 4 registers, 37x37 grid), 2 blocks."""
-    model = _hf_model(2, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, image_size=518)
-    folder = tmp_path_factory.mktemp("large2_hf")
-    model.save_pretrained(folder)
-    return model, folder
+    return _saved_hf_model(
+        tmp_path_factory, "large2_hf", 2, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, image_size=518
+    )
 
 
 # --------------------------------------------------------------------------
@@ -192,14 +203,17 @@ def test_modern_hf_state_dict_parity(tiny, tmp_path):
     _assert_matches(dinov2.load(path), model, _pixels(2, LANDSCAPE, n=1))
 
 
+def _load_folder_and_pth(model, folder, pth):
+    """Our encoders from the HF folder and from the same weights saved as a torch-hub `pth`."""
+    torch = pytest.importorskip("torch")
+    torch.save(_hub_state_dict(model), pth)
+    return [dinov2.load(path) for path in (folder, pth)]
+
+
 def test_large_shapes_parity(large2, tmp_path):
     """ViT-L/14 names and shapes (reduced to 2 blocks) through the HF folder and the hub .pth."""
-    torch = pytest.importorskip("torch")
     model, folder = large2
-    pth = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
-    torch.save(_hub_state_dict(model), pth)
-    for path in (folder, pth):
-        encoder = dinov2.load(path)
+    for encoder in _load_folder_and_pth(model, folder, tmp_path / "dinov2_vitl14_reg4_pretrain.pth"):
         c = encoder.config
         assert (c.width, c.num_heads, c.num_registers, c.pos_grid, c.hidden) == (1024, 16, 4, 37, 4096)
         for i, size in enumerate([LANDSCAPE, PORTRAIT]):
@@ -208,12 +222,8 @@ def test_large_shapes_parity(large2, tmp_path):
 
 def test_swiglu_parity(tiny_swiglu, tmp_path):
     """ViT-g's SwiGLU FFN (hidden = 2/3 * 4 * D rounded up to 8) via HF folder and hub .pth."""
-    torch = pytest.importorskip("torch")
     model, folder = tiny_swiglu
-    pth = tmp_path / "dinov2_vitg14_reg4_pretrain.pth"
-    torch.save(_hub_state_dict(model), pth)
-    for path in (folder, pth):
-        encoder = dinov2.load(path)
+    for encoder in _load_folder_and_pth(model, folder, tmp_path / "dinov2_vitg14_reg4_pretrain.pth"):
         assert encoder.config.ffn == "swiglu" and encoder.config.hidden == 344
         _assert_matches(encoder, model, _pixels(30, LANDSCAPE))
 
@@ -227,7 +237,7 @@ def test_interpolation_matrices_match_torch():
             ref = torch.nn.functional.interpolate(
                 basis, size=(n_out, 2), mode=mode, antialias=True, align_corners=False
             )[:, 0, :, 0].T.numpy()
-            np.testing.assert_allclose(dinov2.resize_matrix(n_in, n_out, kind), ref, atol=2e-6, rtol=0)
+            np.testing.assert_allclose(resize_matrix(n_in, n_out, kind), ref, atol=2e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------
@@ -239,14 +249,18 @@ def _decoded_frame(tmp_path, height: int, width: int) -> np.ndarray:
     """Encode a synthetic RGB image to H.264 mp4 with PyAV and decode it back (uint8 [H, W, 3])."""
     av = pytest.importorskip("av")
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack(
-        [
-            127 + 120 * np.sin(x / 7.0) * np.cos(y / 11.0),
-            (x * 255 / width + 40 * ((x // 16 + y // 16) % 2)) % 256,
-            255 * (np.hypot(x - width / 2, y - height / 2) < min(height, width) / 3),
-        ],
-        axis=-1,
-    ).clip(0, 255).astype(np.uint8)
+    image = (
+        np.stack(
+            [
+                127 + 120 * np.sin(x / 7.0) * np.cos(y / 11.0),
+                (x * 255 / width + 40 * ((x // 16 + y // 16) % 2)) % 256,
+                255 * (np.hypot(x - width / 2, y - height / 2) < min(height, width) / 3),
+            ],
+            axis=-1,
+        )
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
     path = str(tmp_path / f"synthetic_{height}x{width}.mp4")
     with av.open(path, mode="w") as container:
         stream = container.add_stream("libx264", rate=24)
@@ -339,11 +353,18 @@ def _hub_arrays(c: dinov2.Dinov2Config) -> dict[str, np.ndarray]:
     }
     for i in range(c.depth):
         for name, shape in {
-            "norm1": (d,), "norm2": (d,), "ls1.gamma": (d,), "ls2.gamma": (d,),
-            "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
-            "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
-            "mlp.fc1.weight": (h, d), "mlp.fc1.bias": (h,),
-            "mlp.fc2.weight": (d, h), "mlp.fc2.bias": (d,),
+            "norm1": (d,),
+            "norm2": (d,),
+            "ls1.gamma": (d,),
+            "ls2.gamma": (d,),
+            "attn.qkv.weight": (3 * d, d),
+            "attn.qkv.bias": (3 * d,),
+            "attn.proj.weight": (d, d),
+            "attn.proj.bias": (d,),
+            "mlp.fc1.weight": (h, d),
+            "mlp.fc1.bias": (h,),
+            "mlp.fc2.weight": (d, h),
+            "mlp.fc2.bias": (d,),
         }.items():
             if name.startswith("norm"):
                 arrays[f"blocks.{i}.{name}.weight"] = shape

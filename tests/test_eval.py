@@ -2,11 +2,14 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
 
-from sabr_jax import camera, motion as M, skeleton
+from sabr_jax import camera, skeleton
+from sabr_jax import motion as M
+from sabr_jax.cli import UserError
 from sabr_jax.eval import evaluate, metrics
 from sabr_jax.eval.plots import plot_losses
 
@@ -26,10 +29,19 @@ def climb(hand_xy, shift=(0.0, 0.0)) -> np.ndarray:
     t = len(hand_xy)
     rotations = np.broadcast_to(UPRIGHT, (t, M.NUM_JOINTS, 3, 3))
     bbox = np.concatenate([hand_xy - [200.0, 50.0], np.full((t, 2), 180.0)], axis=1) + [*shift, 0, 0]
-    cam = np.asarray(camera.camera_for_box(hand_xy + shift, np.broadcast_to(UPRIGHT_JOINTS[LEFT_HAND], (t, 3)), bbox, PIXELS_PER_METRE))
+    cam = np.asarray(
+        camera.camera_for_box(
+            hand_xy + shift, np.broadcast_to(UPRIGHT_JOINTS[LEFT_HAND], (t, 3)), bbox, PIXELS_PER_METRE
+        )
+    )
     height, width = HW
     return np.concatenate(
-        [bbox / [width, height, width, height], cam, M.matrix_to_rot6d(rotations).reshape(t, -1), np.zeros((t, M.NUM_BETAS))],
+        [
+            bbox / [width, height, width, height],
+            cam,
+            M.matrix_to_rot6d(rotations).reshape(t, -1),
+            np.zeros((t, M.NUM_BETAS)),
+        ],
         axis=1,
     ).astype(np.float32)
 
@@ -59,7 +71,13 @@ def test_ground_truth_full_adherence_zero_mse():
     stats = M.NormStats.from_data(truth + np.random.default_rng(0).normal(size=truth.shape))
     assert metrics.movement_mse(truth, truth, stats) == 0.0
     got = metrics.route_adherence(truth, h)
-    assert got == {"route_adherence": 1.0, "route_touched": 2, "route_holds": 2, "distractors_touched": 0, "distractor_holds": 1}
+    assert got == {
+        "route_adherence": 1.0,
+        "route_touched": 2,
+        "route_holds": 2,
+        "distractors_touched": 0,
+        "distractor_holds": 1,
+    }
 
 
 def test_movement_mse_units():
@@ -111,7 +129,7 @@ def test_view_transform_is_applied():
     # the radius scales with s: 3 radii of A's reference size is 1.5 radii of its size in view
     off = climb([(seen[0] + 3 * A[2], seen[1])] * 3)
     assert metrics.route_adherence(off, holds([A], view=view[:3]))["route_touched"] == 1
-    with pytest.raises(ValueError, match="holds.json: field 'view' lists 6 frames"):
+    with pytest.raises(UserError, match="holds.json: field 'view' lists 6 frames"):
         metrics.route_adherence(vectors, holds([A], view=view), frames=np.arange(6) + 1)
 
 
@@ -121,15 +139,18 @@ def test_joint_pixels_hook():
     assert metrics.route_adherence(vectors, holds([A]), joint_pixels=shifted)["route_touched"] == 0
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"route": [[1, 2, 3]]}, "field 'image_size' must be \\[H, W\\]"),
-    ({"image_size": [10, 20]}, "missing field 'route'"),
-    ({"image_size": [10, 20], "route": [[1, 2]]}, "field 'route' must be \\[\\[x, y, r\\], ...\\]"),
-    ({"image_size": [10, 20], "route": [[1, 2, 0]]}, "field 'route': every radius r must be > 0"),
-    ({"image_size": [10, 20], "route": [], "view": [[0, 1, 1]]}, "field 'view': every scale s must be > 0"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"route": [[1, 2, 3]]}, "field 'image_size' must be \\[H, W\\]"),
+        ({"image_size": [10, 20]}, "missing field 'route'"),
+        ({"image_size": [10, 20], "route": [[1, 2]]}, "field 'route' must be \\[\\[x, y, r\\], ...\\]"),
+        ({"image_size": [10, 20], "route": [[1, 2, 0]]}, "field 'route': every radius r must be > 0"),
+        ({"image_size": [10, 20], "route": [], "view": [[0, 1, 1]]}, "field 'view': every scale s must be > 0"),
+    ],
+)
 def test_holds_json_errors_name_the_field(data, message):
-    with pytest.raises(ValueError, match="clipX/holds.json: " + message):
+    with pytest.raises(UserError, match="clipX/holds.json: " + message):
         metrics.Holds.from_json(data, "clipX/holds.json")
 
 
@@ -157,13 +178,14 @@ def evaluated(tmp_path_factory):
     from sabr_jax import checkpoint
     from sabr_jax.config import demo_config
     from sabr_jax.data import prepare, synth
+    from sabr_jax.data.prepare_settings import Settings
     from sabr_jax.data.tfds_source import open_tfds
     from sabr_jax.trainer import build_model
 
     root = tmp_path_factory.mktemp("eval")
     synth.write_clips(root / "clips", 5, holds=3, height=64, width=112, context=2, pan=True)  # holds.json with views
-    args = ["--frame_size", "64x112", "--encoder_size", "28x56", "--encoder", "random-tiny", "--validation_fraction", "0.4"]
-    assert prepare.main([str(root / "clips"), "--data_dir", str(root / "data"), *args]) == 0
+    settings = Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), validation_fraction=0.4)
+    assert "error" not in prepare.prepare(root / "clips", root / "data", settings)
     cfg = demo_config()
     cfg.model.update(width=32, heads=2, depth=2)
     _, stats = open_tfds(root / "data", "train")
@@ -173,7 +195,9 @@ def evaluated(tmp_path_factory):
     params = jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
     checkpoint.export_ema(str(root / "export"), params, checkpoint.meta(cfg, stats))
     lines = []
-    result = evaluate.evaluate(str(root / "export"), str(root / "data"), str(root / "out"), steps=3, batch_size=2, log=lines.append)
+    result = evaluate.evaluate(
+        str(root / "export"), str(root / "data"), str(root / "out"), steps=3, batch_size=2, log=lines.append
+    )
     print("\n".join(lines))
     return {"root": root, "result": result, "log": "\n".join(lines)}
 
@@ -195,7 +219,8 @@ def test_evaluate_writes_every_output(evaluated):
     assert rows["ground_truth"]["distractors_touched"] == 0  # and no other
     assert rows["model"]["movement_mse"] > 0 and rows["model"]["movement_mse"] != rows["shuffled_video"]["movement_mse"]
     assert rows["mean_motion"]["movement_mse"] == pytest.approx(
-        np.mean([v["movement_mse"] for v in rows["mean_motion"]["per_video"]]))
+        np.mean([v["movement_mse"] for v in rows["mean_motion"]["per_video"]])
+    )
     with open(out / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 5 * 2 and {r["row"] for r in table} == set(rows)
@@ -222,18 +247,21 @@ def test_evaluate_without_holds_reports_null(evaluated, tmp_path):
             clip["holds"] = None
     (data / INDEX_FILE).write_text(json.dumps(index))
     lines = []
-    result = evaluate.evaluate(str(evaluated["root"] / "export"), str(data), str(tmp_path / "out"), steps=3, max_clips=1, log=lines.append)
+    result = evaluate.evaluate(
+        str(evaluated["root"] / "export"), str(data), str(tmp_path / "out"), steps=3, max_clips=1, log=lines.append
+    )
     assert result["rows"]["model"]["route_adherence"] is None and result["rows"]["model"]["movement_mse"] > 0
     assert any("no holds annotations" in line for line in lines)
     assert (tmp_path / "out" / "adherence.png").is_file()
 
 
-def test_cli_errors(evaluated, tmp_path, capsys):
+def test_input_errors_name_the_input(evaluated, tmp_path):
+    """The errors sabr-eval shows as one line (tests/test_cli.py runs the command line)."""
     root = evaluated["root"]
-    common = ["--data_dir", str(root / "data"), "--out", str(tmp_path / "out")]
-    assert evaluate.main(["--checkpoint", str(tmp_path / "missing"), *common]) == 1
-    assert f"no exported model at {tmp_path / 'missing'}" in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", str(root / "export"), *common, "--split", "test"]) == 1
-    assert "no split 'test' (has ['train', 'validation']" in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", str(root / "export"), "--data_dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-    assert "no prepared SABR dataset" in capsys.readouterr().err
+    export, data, out = str(root / "export"), str(root / "data"), str(tmp_path / "out")
+    with pytest.raises(UserError, match=re.escape(f"no exported model at {tmp_path / 'missing'}")):
+        evaluate.evaluate(str(tmp_path / "missing"), data, out)
+    with pytest.raises(UserError, match=re.escape("no split 'test' (has ['train', 'validation']")):
+        evaluate.evaluate(export, data, out, split="test")
+    with pytest.raises(FileNotFoundError, match="no prepared SABR dataset"):
+        evaluate.evaluate(export, str(tmp_path), out)

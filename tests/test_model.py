@@ -6,7 +6,7 @@ from flax import nnx
 from util import forward, spoil, tiny_batch, tiny_model
 
 from sabr_jax.config import base_config
-from sabr_jax.model import DiT, DiTConfig, window
+from sabr_jax.model import Block, DiT, DiTConfig, window
 from sabr_jax.trainer import model_config
 
 LAYOUTS = [
@@ -77,10 +77,57 @@ def test_remat_and_bf16_run_and_agree():
 def test_window_gathers_neighbours_and_masks_edges():
     kv = jnp.arange(5.0).reshape(1, 5, 1, 1, 1) + 1  # frame t holds t + 1
     mask = jnp.array([[True, True, True, True, False]])
-    out, valid = window(kv, mask, 1)
+    out, valid = window(kv, mask, jnp.zeros_like(mask), 1)
     assert out.shape == (1, 5, 3, 1, 1)
     np.testing.assert_array_equal(out[0, :, :, 0, 0], [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 0]])
     np.testing.assert_array_equal(valid[0], [[0, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]])
+
+
+def randomized(module, seed=0):
+    graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    leaves = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def test_cross_window_never_crosses_the_prompt_boundary():
+    """With cross_window, a motion frame next to the route images does not read their tokens,
+    nor they its. A spatial block (self-attention within a frame, MLP per token) is used: its
+    output at frame t depends on frame t's input and the video tokens its cross-attention
+    reads, nothing else. (The whole model mixes frames in its temporal blocks by design.)"""
+    cfg = DiTConfig(width=32, heads=4, depth=2, video_dim=16, cross_window=2)
+    block = randomized(Block(cfg, "slots", "frame", nnx.Rngs(0)))
+    batch = tiny_batch(lengths=(10, 7), context=3)
+    frame_mask, context_mask = jnp.asarray(batch["frame_mask"]), jnp.asarray(batch["context_mask"])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 10, 27, 32)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)
+    video = rng.normal(size=(2, 10, 3, 32)).astype(np.float32)
+
+    def run(video):
+        return np.asarray(block(x, c, block.video_kv(jnp.asarray(video)), frame_mask, context_mask))
+
+    out = run(video)
+    motion = batch["frame_mask"] & ~batch["context_mask"]
+    for changed, unchanged in ((batch["context_mask"], motion), (motion, batch["context_mask"])):
+        other = video.copy()
+        other[changed] += rng.normal(size=other[changed].shape).astype(np.float32) * 10
+        spoiled = run(other)
+        np.testing.assert_allclose(spoiled[unchanged], out[unchanged], rtol=1e-5, atol=1e-5)
+        assert np.abs(spoiled[changed] - out[changed]).max() > 1e-2  # the change is seen where it should be
+    # The window is open on its own side: motion frame 3 (the first) reads frame 5's tokens.
+    other = video.copy()
+    other[:, 5] += 10
+    assert np.abs(run(other)[:, 3] - out[:, 3]).max() > 1e-2
+
+
+def test_window_mask_stops_at_the_prompt_boundary():
+    kv = jnp.zeros((1, 5, 1, 1, 1))
+    frame_mask = jnp.array([[True, True, True, True, False]])
+    context_mask = jnp.array([[True, True, False, False, False]])
+    _, valid = window(kv, frame_mask, context_mask, 1)
+    np.testing.assert_array_equal(valid[0], [[0, 1, 1], [1, 1, 0], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
 
 
 def test_config_errors_are_clear():

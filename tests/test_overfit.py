@@ -26,8 +26,10 @@ def test_overfitting_one_batch_cuts_the_loss_tenfold():
         state, metrics = trainer.jit_train_step(state, batch)
         history.append(jax.device_get(metrics))
     first, last = history[0], history[-10:]
-    print(f"200 steps in {time.perf_counter() - start:.1f}s; loss {first['loss']:.3f} -> {np.mean([m['loss'] for m in last]):.4f}, "
-          f"mse {first['mse']:.3f} -> {np.mean([m['mse'] for m in last]):.4f}")
+    print(
+        f"200 steps in {time.perf_counter() - start:.1f}s; loss {first['loss']:.3f} -> {np.mean([m['loss'] for m in last]):.4f}, "
+        f"mse {first['mse']:.3f} -> {np.mean([m['mse'] for m in last]):.4f}"
+    )
     assert np.mean([m["loss"] for m in last]) < first["loss"] / 10
     # The x0 term alone, which at initialisation is ~1 (the data are normalised), falls tenfold too.
     assert np.mean([m["mse"] for m in last]) < first["mse"] / 10

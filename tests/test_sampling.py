@@ -7,7 +7,7 @@ from flax import nnx
 from util import tiny_batch, tiny_model
 
 from sabr_jax.diffusion import GaussianDiffusion
-from sabr_jax.sampling import guided, make_sampler, sample
+from sabr_jax.sampling import denoiser, guided, make_sampler, motion_frames, sample
 
 SHAPE = (2, 12, 161)
 
@@ -62,8 +62,8 @@ def model_and_batch(layout="slots"):
 def test_cached_keys_values_give_the_same_sample(layout):
     graphdef, params, batch = model_and_batch(layout)
     key = jax.random.PRNGKey(0)
-    cached = make_sampler(graphdef, sampler_config(cache_kv=True))(params, batch, key)
-    fresh = make_sampler(graphdef, sampler_config(cache_kv=False))(params, batch, key)
+    cached, _ = make_sampler(graphdef, sampler_config(cache_kv=True)).padded(params, batch, key)
+    fresh, _ = make_sampler(graphdef, sampler_config(cache_kv=False)).padded(params, batch, key)
     assert bool(jnp.all(jnp.isfinite(cached)))
     np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)
 
@@ -73,8 +73,10 @@ def test_completion_keeps_known_frames_exactly(method):
     graphdef, params, batch = model_and_batch()
     known_mask = batch["frame_mask"] & ~batch["context_mask"] & (jnp.arange(10)[None] < 5)
     run = make_sampler(graphdef, sampler_config(method=method))
-    out = run(params, batch, jax.random.PRNGKey(0), batch["motion"], known_mask)
-    np.testing.assert_array_equal(np.asarray(out)[np.asarray(known_mask)], np.asarray(batch["motion"])[np.asarray(known_mask)])
+    out, _ = run.padded(params, batch, jax.random.PRNGKey(0), batch["motion"], known_mask)
+    np.testing.assert_array_equal(
+        np.asarray(out)[np.asarray(known_mask)], np.asarray(batch["motion"])[np.asarray(known_mask)]
+    )
     unknown = np.asarray(batch["frame_mask"] & ~known_mask)
     assert not np.allclose(np.asarray(out)[unknown], np.asarray(batch["motion"])[unknown])
 
@@ -82,7 +84,9 @@ def test_completion_keeps_known_frames_exactly(method):
 def test_completion_with_an_oracle_fills_the_rest():
     x0 = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
     mask = jnp.arange(12)[None].repeat(2, 0) < 4
-    out = sample(oracle(x0), GaussianDiffusion.create(respace=25), jax.random.PRNGKey(1), SHAPE, known=x0 + 1.0, known_mask=mask)
+    out = sample(
+        oracle(x0), GaussianDiffusion.create(respace=25), jax.random.PRNGKey(1), SHAPE, known=x0 + 1.0, known_mask=mask
+    )
     np.testing.assert_array_equal(out[mask], (x0 + 1.0)[mask])
     np.testing.assert_allclose(out[~mask], x0[~mask], atol=1e-5)
 
@@ -90,12 +94,61 @@ def test_completion_with_an_oracle_fills_the_rest():
 def test_guidance_runs_with_the_null_video():
     graphdef, params, batch = model_and_batch()
     key = jax.random.PRNGKey(0)
-    plain = make_sampler(graphdef, sampler_config())(params, batch, key)
-    guided_out = make_sampler(graphdef, sampler_config(guidance_scale=2.0))(params, batch, key)
+    plain, _ = make_sampler(graphdef, sampler_config()).padded(params, batch, key)
+    guided_out, _ = make_sampler(graphdef, sampler_config(guidance_scale=2.0)).padded(params, batch, key)
     assert bool(jnp.all(jnp.isfinite(guided_out)))
     assert float(jnp.abs(plain - guided_out).max()) > 1e-4
 
 
+def test_sampler_returns_the_motion_frames_only():
+    """Users get each example's motion frames, nothing of its context (route image) or padded
+    positions; the jitted `padded` form is exactly zero there. The motion frames are what the
+    reverse process over every position (the sampler's old output) gives at them."""
+    graphdef, params, batch = model_and_batch()  # 2 context frames; 10 and 7 real frames
+    key = jax.random.PRNGKey(0)
+    run = make_sampler(graphdef, sampler_config())
+    motions = run(params, batch, key)
+    assert [m.shape for m in motions] == [(8, 161), (5, 161)]
+    assert all(isinstance(m, np.ndarray) for m in motions)
+    motion = np.asarray(motion_frames(batch))
+    x0, mask = run.padded(params, batch, key)
+    np.testing.assert_array_equal(mask, motion)
+    assert np.all(np.asarray(x0)[~motion] == 0.0)
+    np.testing.assert_array_equal(np.asarray(x0)[motion], np.concatenate(motions))
+
+    diffusion = GaussianDiffusion.create(respace=8)
+    every = jax.jit(
+        lambda params, key: sample(
+            denoiser(graphdef, params, batch["video"], batch["frame_mask"], batch["context_mask"]),
+            diffusion,
+            key,
+            x0.shape,
+        )
+    )(params, key)
+    assert float(jnp.abs(every[~motion]).max()) > 0.1  # the values that used to reach users
+    for r, m in enumerate(motions):
+        np.testing.assert_allclose(m, np.asarray(every[r])[motion[r]], rtol=1e-6, atol=1e-6)
+
+
+def test_sampler_completion_returns_motion_frames_only():
+    graphdef, params, batch = model_and_batch()
+    known_mask = motion_frames(batch) & (jnp.arange(10)[None] < 4)  # motion frames 0 and 1 of each example
+    run = make_sampler(graphdef, sampler_config())
+    motions = run(params, batch, jax.random.PRNGKey(0), batch["motion"], known_mask)
+    for r, m in enumerate(motions):
+        np.testing.assert_array_equal(m[:2], np.asarray(batch["motion"])[r, 2:4])
+
+
+def test_mask_zeroes_what_is_not_generated():
+    x0 = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
+    mask = jnp.arange(12)[None].repeat(2, 0) >= 3
+    out = sample(oracle(x0), GaussianDiffusion.create(respace=10), jax.random.PRNGKey(1), SHAPE, mask=mask)
+    assert float(jnp.abs(out[~mask]).max()) == 0.0
+    np.testing.assert_allclose(out[mask], x0[mask], atol=1e-5)
+
+
 def test_bad_method_is_refused():
     with pytest.raises(ValueError, match="ddpm"):
-        sample(oracle(jnp.zeros(SHAPE)), GaussianDiffusion.create(respace=5), jax.random.PRNGKey(0), SHAPE, method="euler")
+        sample(
+            oracle(jnp.zeros(SHAPE)), GaussianDiffusion.create(respace=5), jax.random.PRNGKey(0), SHAPE, method="euler"
+        )

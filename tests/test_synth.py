@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sabr_jax import camera, skeleton
+from sabr_jax import camera
 from sabr_jax import motion as M
+from sabr_jax.cli import UserError
 from sabr_jax.data import synth
 from sabr_jax.data import synth_climber as C
 from sabr_jax.data import synth_wall as Wl
@@ -74,7 +75,7 @@ def test_route_spans_the_view_and_fits():
         route = C.make_route(np.random.default_rng(holds), holds, 5.0)
         assert (np.diff(route[:, 1]) > 0).all() and route[:, 1].min() >= 1.0 and route[:, 1].max() <= C.VIEW_HEIGHT
         assert (route[:, 2] > 0.03).all() and (route[:, 2] <= 0.16).all()
-    with pytest.raises(ValueError, match="holds"):
+    with pytest.raises(UserError, match="holds"):
         C.make_route(np.random.default_rng(0), C.MAX_HOLDS + 1, 5.0)
 
 
@@ -116,9 +117,9 @@ def test_limbs_rest_on_route_holds_and_avoid_distractors(clip):
     limbs = info["joint_pixels"][:, C.LIMB_JOINTS]  # [n, 4, 2]
     resting = info["resting"]
     centres = _to_frame(route[:, :2], views)  # [n, k, 2]
-    for f, l in zip(*np.nonzero(resting >= 0)):
-        h = resting[f, l]
-        assert np.linalg.norm(limbs[f, l] - centres[f, h]) < 0.3 * views[f, 0] * route[h, 2], (f, l, h)
+    for f, limb in zip(*np.nonzero(resting >= 0)):
+        h = resting[f, limb]
+        assert np.linalg.norm(limbs[f, limb] - centres[f, h]) < 0.3 * views[f, 0] * route[h, 2], (f, limb, h)
     # every route hold is touched (a hand or foot within 2 r) for at least 3 frames
     dist = np.linalg.norm(limbs[:, :, None] - centres[:, None], axis=-1)  # [n, 4, k]
     touched = (dist < 2 * views[:, None, None, 0] * route[:, 2]).any(1).sum(0)

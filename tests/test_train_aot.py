@@ -16,9 +16,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_dry_run_compiles_for_a_v5p_slice():
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     args = [
-        sys.executable, "-m", "sabr_jax.train", "--config", os.path.join(REPO, "configs/demo.py"), "--dry_run",
-        "--topology", "v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-        "--config.model.width=64", "--config.model.depth=2", "--config.model.dtype=bfloat16", "--config.model.remat=full",
+        sys.executable,
+        "-m",
+        "sabr_jax.train",
+        "--config",
+        os.path.join(REPO, "configs/demo.py"),
+        "--dry_run",
+        "--topology",
+        "v5p:2x2x1",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=-1",
+        "--config.model.width=64",
+        "--config.model.depth=2",
+        "--config.model.dtype=bfloat16",
+        "--config.model.remat=full",
         "--config.data.max_frames=128",  # temporal attention over 128 frames: long enough for splash
     ]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

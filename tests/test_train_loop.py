@@ -20,16 +20,32 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [
-    "--config.batch_size=8", "--config.model.width=32", "--config.model.heads=4", "--config.model.depth=2",
-    "--config.model.video_dim=16", "--config.data.max_frames=16", "--config.data.num_patches=8",
-    "--config.data.num_clips=16", "--config.data.min_clip_frames=8", "--config.data.max_clip_frames=24",
-    "--config.optim.warmup_steps=2", "--config.log_every=1",
+    "--config.batch_size=8",
+    "--config.model.width=32",
+    "--config.model.heads=4",
+    "--config.model.depth=2",
+    "--config.model.video_dim=16",
+    "--config.data.max_frames=16",
+    "--config.data.num_patches=8",
+    "--config.data.num_clips=16",
+    "--config.data.min_clip_frames=8",
+    "--config.data.max_clip_frames=24",
+    "--config.optim.warmup_steps=2",
+    "--config.log_every=1",
 ]
 
 
 def flags(workdir, total_steps, checkpoint_every, *extra):
-    return ["--config", os.path.join(REPO, "configs/demo.py"), "--workdir", str(workdir),
-            f"--config.total_steps={total_steps}", f"--config.checkpoint_every={checkpoint_every}", *TINY, *extra]
+    return [
+        "--config",
+        os.path.join(REPO, "configs/demo.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.total_steps={total_steps}",
+        f"--config.checkpoint_every={checkpoint_every}",
+        *TINY,
+        *extra,
+    ]
 
 
 def tiny_cfg(total_steps, checkpoint_every, **overrides):
@@ -38,7 +54,7 @@ def tiny_cfg(total_steps, checkpoint_every, **overrides):
 
     cfg = demo_config()
     for flag in flags("x", total_steps, checkpoint_every)[4:]:
-        key, value = flag[len("--config."):].split("=")
+        key, value = flag[len("--config.") :].split("=")
         node = cfg
         *parents, leaf = key.split(".")
         for p in parents:
@@ -64,8 +80,14 @@ def child_env(**extra):
 
 
 def start(mode, args, **env):
-    return subprocess.Popen([sys.executable, __file__, mode, "--", *args], cwd=REPO, env=child_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, __file__, mode, "--", *args],
+        cwd=REPO,
+        env=child_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +173,14 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, reference)
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert len(saved) == 1 and 2 <= saved[0] < 8, saved  # checkpoint_every=100: only the preemption save
     # Rerun the same command: it resumes and finishes; the losses equal the uninterrupted run's.
-    second = subprocess.run([sys.executable, "-m", "sabr_jax.train", *args], cwd=REPO, env=child_env(),
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", "sabr_jax.train", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from step {saved[0]}" in second.stderr + second.stdout
     got = losses(tmp_path)
@@ -200,10 +228,9 @@ def _poison_batch(monkeypatch, bad_batch):
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch, capsys, mode):
-    from sabr_jax import checkpoint
+    from sabr_jax import checkpoint, sharding
     from sabr_jax.loop import train
     from sabr_jax.trainer import Trainer
-    from sabr_jax import sharding
 
     _poison_batch(monkeypatch, bad_batch=2)  # the third step
     cfg = tiny_cfg(5, 2, on_nonfinite=mode)
@@ -232,8 +259,14 @@ def test_export_after_training(tmp_path, reference):
     workdir, _ = reference
     export = tmp_path / "export"
     # The run is complete: the same command with --export restores it and only exports.
-    proc = subprocess.run([sys.executable, "-m", "sabr_jax.train", *flags(workdir, 8, 4), "--export", str(export)],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sabr_jax.train", *flags(workdir, 8, 4), "--export", str(export)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     params, meta = checkpoint.load_export(str(export))
     assert meta["config"]["total_steps"] == 8 and "norm_stats" in meta

@@ -14,8 +14,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
-
 from test_train_loop import REPO, flags, losses, tiny_cfg
 
 TOTAL, FIRST = 6, 3
@@ -41,7 +39,9 @@ def final_state(workdir, cfg):
     from sabr_jax.trainer import Trainer
 
     mngr = checkpoint.manager(str(workdir), 3)
-    state, _, position = checkpoint.restore(mngr, Trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).abstract_state())
+    state, _, position = checkpoint.restore(
+        mngr, Trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).abstract_state()
+    )
     mngr.close()
     return jax.tree.map(np.asarray, jax.device_get(state)), position
 
@@ -54,9 +54,25 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
     # 2 processes x 4 devices, mesh data=2 fsdp=2 tensor=2 across both hosts; stop at step 3.
     first = flags(work, FIRST, 100, EPS, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "sabr_jax.train", *first, "--coordinator_address", f"localhost:{port}",
-                          "--num_processes", "2", "--process_id", str(i)],
-                         cwd=REPO, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sabr_jax.train",
+                *first,
+                "--coordinator_address",
+                f"localhost:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            ],
+            cwd=REPO,
+            env=env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=400)[0] for p in procs]
@@ -66,8 +82,14 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
     assert sorted(os.listdir(work / "checkpoints")) == [str(FIRST)]
     # 1 process x 8 devices, another mesh (fsdp=8), the same workdir: resumes at step 3.
     second = flags(work, TOTAL, 100, EPS, "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1")
-    proc = subprocess.run([sys.executable, "-m", "sabr_jax.train", *second], cwd=REPO, env=env(8),
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sabr_jax.train", *second],
+        cwd=REPO,
+        env=env(8),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resuming from step {FIRST}" in proc.stderr + proc.stdout
     # The uninterrupted reference: 1 process, 1 device.

@@ -37,8 +37,16 @@ def batches(cfg, n):
     from sabr_jax.data.sources import open_source
 
     source, stats = open_source(cfg)
-    it = iter(pipeline.dataset(source, stats=stats, max_frames=cfg.data.max_frames, context_frames=cfg.data.context_frames,
-                               batch_size=cfg.batch_size, seed=cfg.seed))
+    it = iter(
+        pipeline.dataset(
+            source,
+            stats=stats,
+            max_frames=cfg.data.max_frames,
+            context_frames=cfg.data.context_frames,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+    )
     return [next(it) for _ in range(n)]
 
 
@@ -81,7 +89,9 @@ def test_sharded_steps_match_one_device():
     Adam divides by the gradient's RMS, so float noise in tiny gradients moves parameters
     by up to ~lr; the tolerance is 0.5% of the largest possible change (lr x steps)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, __file__, "equivalence"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "equivalence"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     lr, steps = tiny_config().optim.lr, 3
@@ -159,10 +169,19 @@ def test_nonfinite_report_names_the_quantity():
 
     names = ["a/kernel", "b/bias"]
     assert nonfinite_report(3, {"finite": 1.0}, names) is None
-    loss_msg = nonfinite_report(3, {"finite": 0.0, "loss_finite": 0.0, "loss": np.nan, "grad_leaf_finite": [False, False]}, names)
+    loss_msg = nonfinite_report(
+        3, {"finite": 0.0, "loss_finite": 0.0, "loss": np.nan, "grad_leaf_finite": [False, False]}, names
+    )
     assert "step 3" in loss_msg and "non-finite loss" in loss_msg
-    grad_msg = nonfinite_report(4, {"finite": 0.0, "loss_finite": 1.0, "loss": 1.5, "grad_leaf_finite": [True, False]}, names)
-    assert "step 4" in grad_msg and "non-finite gradients" in grad_msg and "b/bias" in grad_msg and "a/kernel" not in grad_msg
+    grad_msg = nonfinite_report(
+        4, {"finite": 0.0, "loss_finite": 1.0, "loss": 1.5, "grad_leaf_finite": [True, False]}, names
+    )
+    assert (
+        "step 4" in grad_msg
+        and "non-finite gradients" in grad_msg
+        and "b/bias" in grad_msg
+        and "a/kernel" not in grad_msg
+    )
 
 
 def test_jaxpr_flops_counts_scan_trips():

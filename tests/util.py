@@ -45,4 +45,6 @@ def spoil(batch, where, seed=1):
 
 def forward(model, batch, t=(3, 600)):
     emb = model.embed_video(jnp.asarray(batch["video"]))
-    return model(jnp.asarray(batch["motion"]), jnp.asarray(t), batch["frame_mask"], batch["context_mask"], video_emb=emb)
+    return model(
+        jnp.asarray(batch["motion"]), jnp.asarray(t), batch["frame_mask"], batch["context_mask"], video_emb=emb
+    )

@@ -7,16 +7,27 @@ TFDS one) with this interface:
     source.num_frames(i)              motion frames of clip i
     source.num_context(i)             context (route) frames of clip i
     source.read(i, start, stop)       {"motion": [n, 161] float32, "video": [n, P, Dv],
-                                       "context": [C, P, Dv]} for frames start..stop-1
+                                       "context": [C, P, Dv], "motion_mask": [n] bool}
+                                      for frames start..stop-1; motion_mask (optional,
+                                      absent: all True) is False on frames where the
+                                      tracker lost the climber (motion unknown)
 
 A training example has a fixed number L = max_frames of time positions: the clip's
 context frames first (at most `context_frames`), then a random window of its motion
 frames, then padding:
 
-    motion        [L, 161] float32   normalised motion; zero on context and padding
+    motion        [L, 161] float32   normalised motion; zero on context and padding; on untracked
+                                     frames the interpolation of the window's tracked ones
+                                     (motion.fill_gaps: a plausible noised input, never a target)
     video         [L, P, Dv]         video tokens of the context frames and the window
-    frame_mask    [L] bool           True on context and motion frames
+    frame_mask    [L] bool           True on context and motion frames (untracked ones too)
     context_mask  [L] bool           True on context frames
+    motion_mask   [L] bool           True on motion frames whose motion is known (tracked):
+                                     the frames the loss counts (sabr_jax.trainer)
+
+An untracked frame keeps its time position and video tokens (frame_mask True), so the
+window is not spliced in time; only the loss leaves it out. Its stored motion (zeros) is
+never used.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from typing import Protocol
 import grain
 import numpy as np
 
-from sabr_jax.motion import MOTION_DIM, NormStats
+from sabr_jax.motion import MOTION_DIM, NormStats, fill_gaps
 
 
 class ClipSource(Protocol):
@@ -62,19 +73,23 @@ def assemble(clip: dict[str, np.ndarray], max_frames: int, num_context: int, sta
     """Lay out context, motion window and padding on `max_frames` positions."""
     motion, video, context = clip["motion"], clip["video"], clip["context"][:num_context]
     length = len(motion)
+    tracked = np.asarray(clip.get("motion_mask", np.ones(length, bool)), bool)
     used = num_context + length
     if used > max_frames:
         raise ValueError(f"{num_context} context + {length} motion frames exceed max_frames={max_frames}")
     tokens = np.zeros((max_frames, *video.shape[1:]), video.dtype)
     tokens[:num_context], tokens[num_context:used] = context, video
     out_motion = np.zeros((max_frames, MOTION_DIM), np.float32)
-    out_motion[num_context:used] = stats.normalize(motion)
+    out_motion[num_context:used] = fill_gaps(stats.normalize(motion), tracked)
+    motion_mask = np.zeros(max_frames, bool)
+    motion_mask[num_context:used] = tracked
     positions = np.arange(max_frames)
     return {
         "motion": out_motion,
         "video": tokens,
         "frame_mask": positions < used,
         "context_mask": positions < num_context,
+        "motion_mask": motion_mask,
     }
 
 
@@ -127,6 +142,7 @@ def dataset(
 
 
 def compute_stats(source: ClipSource) -> NormStats:
-    """Normalisation statistics over every motion frame of every clip of the source."""
-    frames = [source.read(i, 0, source.num_frames(i))["motion"] for i in range(len(source))]
-    return NormStats.from_data(np.concatenate(frames))
+    """Normalisation statistics over every tracked motion frame of every clip of the source."""
+    clips = [source.read(i, 0, source.num_frames(i)) for i in range(len(source))]
+    masks = [c.get("motion_mask", np.ones(len(c["motion"]), bool)) for c in clips]
+    return NormStats.from_data(np.concatenate([c["motion"] for c in clips]), np.concatenate(masks))

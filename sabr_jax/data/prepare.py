@@ -1,24 +1,29 @@
-"""`sabr-prepare`: user clips -> motion vectors + DINOv2 tokens -> a TFDS dataset.
+"""What `sabr-prepare` does: user clips -> motion vectors + DINOv2 tokens -> a TFDS dataset.
 
-    sabr-prepare CLIPS --data_dir DIR --encoder /path/to/dinov2-with-registers-large
+    prepare(CLIPS, DIR, Settings(encoder=...))   # the command line: sabr_jax.data.prepare_cli
 
 CLIPS/<clip_id>/ holds video.mp4, context/*.png (optional), tracks.pkl (PHALP /
-4D-Humans) and holds.json (optional). Two stages:
+4D-Humans) and holds.json (optional). Settings (sabr_jax.data.prepare_settings) say what
+to make of them. Two stages:
 
 1. Per clip (split between hosts by jax.process_index; resumable): decode the video,
    resample to 24 FPS (nearest timestamp, see sabr_jax.data.video), resize to 368x640,
-   read the climber's track (sabr_jax.data.tracks), keep the frames where the climber is
-   detected, encode every kept frame and every route image with the frozen DINOv2
+   read the climber's track (sabr_jax.data.tracks), keep every frame from the first to
+   the last one where the climber is detected (frames in between where the tracker lost
+   the climber stay in place, with their video tokens, and are masked: motion_mask False,
+   zero motion, out of the loss and the statistics; see sabr_jax.data.prepared), take the
+   route images in natural name order (at most --context_frames; the report names those
+   dropped), encode every kept frame and route image with the frozen DINOv2
    (batched, data-parallel over the host's local devices), optionally 2x2-pool the patch
    tokens, store them (bf16 or f32) in DIR/prepared/<clip_id>/, atomically. A clip that
    fails (unreadable video, bad tracks, ...) is recorded in DIR/prepared/_failed/ and
    the others go on; a rerun skips finished clips and retries failed ones.
 2. On host 0, after all hosts: split the clips into train/validation by clip id
    (deterministic hash order), cut clips longer than --max_seconds into equal parts,
-   compute the normalisation statistics over the train split, write the TFDS dataset
+   compute the normalisation statistics over the train split's tracked frames, write the TFDS dataset
    (ArrayRecord, one record per frame; see sabr_jax.data.tfds_builder) to
    DIR/sabr_clips/1.0.0/, and the report DIR/report.json (also printed) listing what was
-   built, resumed and skipped, and why.
+   built, resumed and skipped, and why, the masked frames of every clip, and warnings.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -41,159 +45,36 @@ import numpy as np
 from sabr_jax.data import prepared as prep
 from sabr_jax.data import tracks as tr
 from sabr_jax.data import video as vid
+from sabr_jax.data.frame_encoder import FrameEncoder, make_encoder
+from sabr_jax.data.prepare_settings import Settings
 from sabr_jax.motion import NormStats
 
 PREPARED = "prepared"
 REPORT = "report.json"
 NORM_STATS = "norm_stats.json"
-PATCH = 14
-RANDOM_ENCODERS = ("random-s", "random-b", "random-l", "random-g", "random-tiny")
 
 
 class ClipError(ValueError):
     """A clip that cannot be prepared; the message says which file and why."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    encoder: str  # a checkpoint path or one of RANDOM_ENCODERS
-    precision: str = "bfloat16"  # token storage: 'bfloat16' or 'float32'
-    pool: int = 1  # 1: all 20x35 patches; 2: 2x2 average pooling (ceil mode, 10x18)
-    fps: int = vid.OUTPUT_FPS
-    frame_size: tuple[int, int] = vid.FRAME_SIZE  # landscape (H, W) of the decoded frames
-    encoder_size: tuple[int, int] = (280, 490)  # landscape (H, W) of the encoder input
-    frame_tolerance: int = 0  # accepted |track frames - video frames|
-    max_seconds: float = 45.0  # longer clips are cut into equal parts no longer than this
-    min_frames: int = 12  # clips with fewer kept frames are skipped
-    validation_fraction: float = 0.1
-    split_seed: int = 0
-    batch_size: int = 16  # frames per encoder call (rounded up to a multiple of the local devices)
-    encoder_dtype: str = "auto"  # 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16'
-    seed: int = 0  # for random encoders
-
-    def __post_init__(self):
-        prep.dtype_of(self.precision)
-        if self.pool < 1:
-            raise ValueError(f"pool must be >= 1, got {self.pool}")
-        for h in self.encoder_size:
-            if h % PATCH:
-                raise ValueError(f"encoder_size must be multiples of {PATCH}, got {self.encoder_size}")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-
-    def clip_fingerprint(self) -> dict:
-        """What a prepared clip depends on: a change re-encodes it."""
-        encoder = self.encoder if self.encoder in RANDOM_ENCODERS else os.path.abspath(self.encoder)
-        return {
-            "encoder": encoder, "seed": self.seed if self.encoder in RANDOM_ENCODERS else None,
-            "precision": self.precision, "pool": self.pool, "fps": self.fps,
-            "frame_size": list(self.frame_size), "encoder_size": list(self.encoder_size),
-            "frame_tolerance": self.frame_tolerance,
-        }
-
-
-# ---------------------------------------------------------------- the encoder
-def make_encoder(settings: Settings):
-    """The frozen DINOv2 the settings name: a checkpoint path or a seeded random one."""
-    import jax
-    import jax.numpy as jnp
-
-    from sabr_jax.encoders import dinov2
-
-    dtype_name = settings.encoder_dtype
-    if dtype_name == "auto":
-        dtype_name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    dtype = jnp.dtype(dtype_name)
-    if settings.encoder in RANDOM_ENCODERS:
-        size = settings.encoder.split("-", 1)[1]
-        if size == "tiny":  # tests and the CPU demo: Dv = 32 like configs/demo.py
-            size = dinov2.Dinov2Config(width=32, depth=2, num_heads=2)
-        return dinov2.random_encoder(size, seed=settings.seed, dtype=dtype)
-    return dinov2.load(settings.encoder, dtype=dtype)
-
-
-class FrameEncoder:
-    """uint8 frames -> (pooled) patch tokens, in fixed-size batches split over local devices.
-
-    Batches are padded to one shape (one compilation). Dispatch is asynchronous: the
-    previous batch is fetched from the device only after the next one is launched, so
-    decoding overlaps encoding.
-    """
-
-    def __init__(self, encoder, settings: Settings):
-        import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        self.encoder, self.settings = encoder, settings
-        devices = jax.local_devices()
-        self.batch = -(-settings.batch_size // len(devices)) * len(devices)
-        self.video_dim = encoder.config.width
-        if len(devices) > 1:
-            mesh = Mesh(np.array(devices), ("data",))
-            self.sharding = NamedSharding(mesh, PartitionSpec("data"))
-            encoder.state = jax.device_put(encoder.state, NamedSharding(mesh, PartitionSpec()))
-        else:
-            self.sharding = devices[0]
-        self.calls = 0
-
-    def grid(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
-        h, w = vid.oriented(self.settings.encoder_size, *frame_hw)
-        return h // PATCH, w // PATCH
-
-    def pooled_grid(self, frame_hw) -> tuple[int, int]:
-        gh, gw = self.grid(frame_hw)
-        p = self.settings.pool
-        return -(-gh // p), -(-gw // p)
-
-    def _launch(self, frames: np.ndarray):
-        import jax
-
-        from sabr_jax.encoders import dinov2
-
-        n = len(frames)
-        if n < self.batch:
-            frames = np.concatenate([frames, np.zeros((self.batch - n, *frames.shape[1:]), np.uint8)])
-        size = vid.oriented(self.settings.encoder_size, *frames.shape[1:3])
-        pixels = dinov2.preprocess(jax.device_put(frames, self.sharding), size=size)
-        self.calls += 1
-        return self.encoder(pixels)["patch_tokens"], n, frames.shape[1:3]
-
-    def _fetch(self, launched) -> np.ndarray:
-        tokens, n, hw = launched
-        tokens = np.asarray(tokens[:n], dtype=np.float32)
-        return vid.pool_tokens(tokens, self.grid(hw), self.settings.pool)[0]
-
-    def stream(self, frames, sink: Callable[[np.ndarray], None]) -> None:
-        """Encode an iterable of uint8 [h, w, 3] frames; `sink` gets token batches in order."""
-        pending, batch = None, []
-        for frame in frames:
-            batch.append(frame)
-            if len(batch) == self.batch:
-                launched = self._launch(np.stack(batch))
-                batch = []
-                if pending is not None:
-                    sink(self._fetch(pending))
-                pending = launched
-        if batch:
-            launched = self._launch(np.stack(batch))
-            if pending is not None:
-                sink(self._fetch(pending))
-            pending = launched
-        if pending is not None:
-            sink(self._fetch(pending))
-
-
 # ---------------------------------------------------------------- stage 1: one clip
 def list_clips(clips_dir: str | os.PathLike) -> list[str]:
+    """The clip ids (sub-folder names) of CLIPS; FileNotFoundError if it is no folder."""
     clips_dir = Path(clips_dir)
     if not clips_dir.is_dir():
-        raise FileNotFoundError(f"{clips_dir}: no such folder of clips")
+        raise FileNotFoundError(
+            f"{clips_dir}: no such folder; expected a folder of clips, CLIPS/<clip_id>/{{video.mp4, tracks.pkl, "
+            "context/*.png, holds.json}"
+        )
     return sorted(p.name for p in clips_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _check_clip_id(clip_id: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", clip_id):
-        raise ClipError(f"clip folder name {clip_id!r} is not a valid clip id (letters, digits, '_', '-', '.'; not starting with '_' or '.')")
+        raise ClipError(
+            f"clip folder name {clip_id!r} is not a valid clip id (letters, digits, '_', '-', '.'; not starting with '_' or '.')"
+        )
 
 
 def prepare_clip(clip_dir: Path, prepared_dir: Path, settings: Settings, encoder: FrameEncoder) -> dict:
@@ -210,7 +91,9 @@ def prepare_clip(clip_dir: Path, prepared_dir: Path, settings: Settings, encoder
     tid, names, present, vectors = tr.climber_motion(tracks, str(tracks_path), image_hw=(info["height"], info["width"]))
     declared = info["declared_frames"]
     if declared and abs(declared - len(names)) > settings.frame_tolerance:
-        raise ClipError(_count_message(tracks_path, video_path, len(names), declared, settings.frame_tolerance, "declares"))
+        raise ClipError(
+            _count_message(tracks_path, video_path, len(names), declared, settings.frame_tolerance, "declares")
+        )
     holds = None
     if (clip_dir / "holds.json").exists():
         try:
@@ -223,22 +106,35 @@ def prepare_clip(clip_dir: Path, prepared_dir: Path, settings: Settings, encoder
     try:
         kept_sources: list[int] = []
         stats: dict = {}
+        tracked = np.flatnonzero(present)  # (not empty: climber_motion needs one detection)
 
         def frames():
-            keep = lambda i: i < len(names) and bool(present[i])  # noqa: E731
+            keep = lambda i: tracked[0] <= i <= tracked[-1]  # noqa: E731
             for _, i, pixels in vid.resampled_frames(video_path, keep, settings.frame_size, settings.fps, stats):
                 kept_sources.append(i)
                 yield pixels
 
         encoder.stream(frames(), lambda t: writer.append("video.bin", t))
         if abs(stats["source_frames"] - len(names)) > settings.frame_tolerance:
-            raise ClipError(_count_message(tracks_path, video_path, len(names), stats["source_frames"], settings.frame_tolerance, "decodes to"))
-        if len(kept_sources) < settings.min_frames:
             raise ClipError(
-                f"{clip_dir}: only {len(kept_sources)} frames at {settings.fps} FPS show the climber (track {tid}); "
+                _count_message(
+                    tracks_path, video_path, len(names), stats["source_frames"], settings.frame_tolerance, "decodes to"
+                )
+            )
+        motion_mask = present[kept_sources]
+        if motion_mask.sum() < settings.min_frames:
+            raise ClipError(
+                f"{clip_dir}: only {motion_mask.sum()} frames at {settings.fps} FPS show the climber (track {tid}); "
                 f"at least --min_frames={settings.min_frames} are needed"
             )
-        context_names, context = vid.read_context(clip_dir / "context", settings.frame_size)
+        context_names, context, dropped = vid.read_context(
+            clip_dir / "context", settings.frame_size, settings.context_frames
+        )
+        if dropped:
+            warnings.append(
+                f"{clip_dir / 'context'}: more route images than --context_frames={settings.context_frames}; "
+                f"dropped (in natural name order, the first ones are kept): {', '.join(dropped)}"
+            )
         if len(context):
             encoder.stream(iter(context), lambda t: writer.append("context.bin", t))
         frame_hw = (stats["height"], stats["width"])
@@ -246,6 +142,7 @@ def prepare_clip(clip_dir: Path, prepared_dir: Path, settings: Settings, encoder
         meta = {
             "clip_id": clip_id,
             "num_frames": len(kept_sources),
+            "masked_frames": int((~motion_mask).sum()),  # kept frames where the climber is not tracked
             "num_context": len(context_names),
             "num_patches": grid[0] * grid[1],
             "video_dim": encoder.video_dim,
@@ -253,18 +150,23 @@ def prepare_clip(clip_dir: Path, prepared_dir: Path, settings: Settings, encoder
             "grid": list(grid),
             "track_id": tid,
             "source": {
-                "frames": stats["source_frames"], "fps": stats["source_fps"], "width": stats["width"],
-                "height": stats["height"], "track_frames": len(names), "detected_frames": int(present.sum()),
+                "frames": stats["source_frames"],
+                "fps": stats["source_fps"],
+                "width": stats["width"],
+                "height": stats["height"],
+                "track_frames": len(names),
+                "detected_frames": int(present.sum()),
             },
             "output_frames": stats["output_frames"],
             "source_frame_of": kept_sources,  # source index of every kept output frame
             "context_files": context_names,
+            "context_dropped": dropped,
             "holds": holds,
             "warnings": warnings,
             "settings": settings.clip_fingerprint(),
             "created": time.time(),
         }
-        writer.commit(vectors[kept_sources], meta)
+        writer.commit(vectors[kept_sources], meta, motion_mask)
         return meta
     except BaseException:
         writer.abort()
@@ -307,10 +209,10 @@ def encode_clips(
     Returns {"prepared": [...], "resumed": [...], "failed": {clip_id: reason}} for this host.
     """
     clips_dir, data_dir = Path(clips_dir), Path(data_dir)
+    mine = list_clips(clips_dir)[process_index::process_count]
     prepared_dir = data_dir / PREPARED
     failed_dir = prepared_dir / prep.FAILED_DIR
     failed_dir.mkdir(parents=True, exist_ok=True)
-    mine = list_clips(clips_dir)[process_index::process_count]
     result = {"prepared": [], "resumed": [], "failed": {}}
     for n, clip_id in enumerate(mine):
         failure = failed_dir / f"{clip_id}.json"
@@ -331,7 +233,11 @@ def encode_clips(
         else:
             failure.unlink(missing_ok=True)
             result["prepared"].append(clip_id)
-            log(f"[{n + 1}/{len(mine)}] {clip_id}: {meta['num_frames']} frames, {meta['num_context']} route images ({time.time() - start:.1f} s)")
+            masked = f" ({meta['masked_frames']} masked: climber not tracked)" if meta["masked_frames"] else ""
+            log(
+                f"[{n + 1}/{len(mine)}] {clip_id}: {meta['num_frames']} frames{masked}, {meta['num_context']} route images "
+                f"({time.time() - start:.1f} s)"
+            )
             continue
         result["failed"][clip_id] = reason
         prep.atomic_write_json(failure, {"clip_id": clip_id, "reason": reason, "time": time.time()})
@@ -379,7 +285,7 @@ def build_dataset(data_dir: str | os.PathLike, settings: Settings, clip_ids: Seq
     shapes = {(c.num_patches, c.video_dim, c.meta["dtype"]) for c in clips.values()}
     if len(shapes) != 1:
         raise ClipError(f"prepared clips disagree on (patches, width, dtype): {sorted(shapes)}")
-    (num_patches, video_dim, precision), = shapes
+    ((num_patches, video_dim, precision),) = shapes
     train_ids, val_ids = split_clips(sorted(clips), settings.validation_fraction, settings.split_seed)
     max_frames = max(1, int(settings.max_seconds * settings.fps))
 
@@ -392,18 +298,31 @@ def build_dataset(data_dir: str | os.PathLike, settings: Settings, clip_ids: Seq
         return out
 
     splits = {"train": parts(train_ids), "validation": parts(val_ids)}
-    stats = NormStats.from_data(np.concatenate([clips[c].motion() for c in train_ids]))
+    stats = NormStats.from_data(  # over the tracked frames only
+        np.concatenate([clips[c].motion() for c in train_ids]),
+        np.concatenate([clips[c].motion_mask() for c in train_ids]),
+    )
     fingerprint = hashlib.sha256(
         json.dumps(
-            [settings.clip_fingerprint(), settings.validation_fraction, settings.split_seed, max_frames,
-             [(c, clips[c].meta.get("created")) for c in sorted(clips)]],
+            [
+                tfds_builder.INDEX_FORMAT,
+                settings.clip_fingerprint(),
+                settings.validation_fraction,
+                settings.split_seed,
+                max_frames,
+                [(c, clips[c].meta.get("created")) for c in sorted(clips)],
+            ],
             sort_keys=True,
         ).encode()
     ).hexdigest()
     out = dataset_dir(data_dir).absolute()
     index_path = out / tfds_builder.INDEX_FILE
     summary = {
-        name: {"clips": len(p), "source_clips": len({x.source_clip for x in p}), "frames": sum(x.stop - x.start for x in p)}
+        name: {
+            "clips": len(p),
+            "source_clips": len({x.source_clip for x in p}),
+            "frames": sum(x.stop - x.start for x in p),
+        }
         for name, p in splits.items()
     }
     if index_path.is_file() and json.loads(index_path.read_text()).get("fingerprint") == fingerprint:
@@ -436,13 +355,14 @@ def make_report(clips_dir, data_dir, settings: Settings, host_results: Sequence[
     """The report over all clips (reads the failure records every host wrote)."""
     data_dir = Path(data_dir)
     prepared_dir = data_dir / PREPARED
-    skipped, built, warnings = [], [], []
+    skipped, built, warnings, masked = [], [], [], {}
     for clip_id in list_clips(clips_dir):
         failure = prepared_dir / prep.FAILED_DIR / f"{clip_id}.json"
         if _is_finished(prepared_dir, clip_id, settings):
             built.append(clip_id)
             meta = prep.PreparedClip(prepared_dir / clip_id).meta
             warnings += [f"{clip_id}: {w}" for w in meta.get("warnings", [])]
+            masked[clip_id] = meta["masked_frames"]
         elif failure.is_file():
             skipped.append({"clip_id": clip_id, "reason": json.loads(failure.read_text())["reason"]})
         else:
@@ -454,6 +374,7 @@ def make_report(clips_dir, data_dir, settings: Settings, host_results: Sequence[
         "prepared_now": sorted(c for r in host_results for c in r["prepared"]),
         "resumed": sorted(c for r in host_results for c in r["resumed"]),
         "skipped": skipped,
+        "masked_frames": masked,  # per built clip: frames kept in place but out of the loss (climber not tracked)
         "warnings": warnings,
         "dataset": dataset,
     }
@@ -470,7 +391,9 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> dict | None:
     """Both stages on this host; returns the report on host 0 (None elsewhere)."""
-    result = encode_clips(clips_dir, data_dir, settings, process_index=process_index, process_count=process_count, log=log)
+    result = encode_clips(
+        clips_dir, data_dir, settings, process_index=process_index, process_count=process_count, log=log
+    )
     if barrier is not None:
         barrier()
     if process_index != 0:
@@ -491,10 +414,18 @@ def prepare(
 
 def _print_report(report: dict, path: Path, log) -> None:
     log(f"\n== sabr-prepare report ({path}) ==")
-    log(f"clips built: {len(report['built'])} (prepared now {len(report['prepared_now'])}, resumed {len(report['resumed'])})")
+    log(
+        f"clips built: {len(report['built'])} (prepared now {len(report['prepared_now'])}, resumed {len(report['resumed'])})"
+    )
     if report["dataset"]:
         for name, s in report["dataset"]["splits"].items():
             log(f"  {name}: {s['clips']} clips from {s['source_clips']} source clips, {s['frames']} frames")
+    masked = {c: n for c, n in report["masked_frames"].items() if n}
+    if masked:
+        log(
+            f"masked frames (the tracker lost the climber; kept in place, out of the loss): {sum(masked.values())} in "
+            f"{len(masked)} clips: " + ", ".join(f"{c} {n}" for c, n in masked.items())
+        )
     if report["skipped"]:
         log(f"skipped: {len(report['skipped'])}")
         for s in report["skipped"]:
@@ -503,90 +434,3 @@ def _print_report(report: dict, path: Path, log) -> None:
         log(f"warning: {w}")
     if report.get("error"):
         log(f"ERROR: {report['error']}")
-
-
-# ---------------------------------------------------------------- command line
-def _size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
-    if not m:
-        raise ValueError(f"expected HxW, e.g. 368x640, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="sabr-prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("clips", help="folder of clips: CLIPS/<clip_id>/{video.mp4, context/*.png, tracks.pkl, holds.json}")
-    p.add_argument("--data_dir", required=True, help="output folder (prepared clips, TFDS dataset, report.json, norm_stats.json)")
-    p.add_argument(
-        "--encoder", default=None,
-        help="DINOv2-with-registers weights: a HuggingFace folder, a .safetensors file or a torch-hub .pth "
-        f"(e.g. facebook/dinov2-with-registers-large). Required; one of {', '.join(RANDOM_ENCODERS)} "
-        "uses seeded random weights instead (tests and demos only: the tokens mean nothing).",
-    )
-    p.add_argument("--precision", choices=sorted(prep.DTYPES), default="bfloat16", help="token storage precision (default bfloat16)")
-    p.add_argument("--pool", type=int, choices=(1, 2), default=1,
-                   help="2: average-pool patch tokens 2x2 (20x35 -> 10x18 = 180 per frame; the last, odd column is "
-                   "averaged alone). Default 1: all 700")
-    p.add_argument("--max_seconds", type=float, default=45.0, help="clips longer than this are cut into equal parts (default 45)")
-    p.add_argument("--min_frames", type=int, default=12, help="skip clips with fewer frames showing the climber (default 12)")
-    p.add_argument("--validation_fraction", type=float, default=0.1, help="fraction of clips (by clip id) for validation (default 0.1)")
-    p.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation assignment (default 0)")
-    p.add_argument("--frame_tolerance", type=int, default=0,
-                   help="accepted difference between the number of frames in tracks.pkl and in the video (default 0)")
-    p.add_argument("--batch_size", type=int, default=16, help="frames per encoder call on each host (default 16)")
-    p.add_argument("--encoder_dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="encoder compute dtype (default auto: bfloat16 on accelerators, float32 on CPU)")
-    p.add_argument("--fps", type=int, default=vid.OUTPUT_FPS, help="output frame rate (default 24, the paper's)")
-    p.add_argument("--frame_size", type=_size, default=vid.FRAME_SIZE, help="decoded frame HxW, landscape (default 368x640)")
-    p.add_argument("--encoder_size", type=_size, default=(280, 490), help="encoder input HxW, multiples of 14 (default 280x490)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a random encoder (default 0)")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (auto-detected on TPU pods and SLURM) and split clips between hosts")
-    return p
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.encoder is None:
-        print(
-            "sabr-prepare: --encoder is required: the path of DINOv2-with-registers weights (a HuggingFace folder such as a "
-            "download of facebook/dinov2-with-registers-large, a .safetensors file or a torch-hub "
-            "dinov2_vitl14_reg4_pretrain.pth). For a test or demo without weights, pass --encoder random-s "
-            "(or random-tiny) explicitly: random weights give meaningless tokens.",
-            file=sys.stderr,
-        )
-        return 2
-    if args.encoder not in RANDOM_ENCODERS and not os.path.exists(args.encoder):
-        print(f"sabr-prepare: --encoder {args.encoder}: no such file or folder", file=sys.stderr)
-        return 2
-    settings = Settings(
-        encoder=args.encoder, precision=args.precision, pool=args.pool, fps=args.fps, frame_size=args.frame_size,
-        encoder_size=args.encoder_size, frame_tolerance=args.frame_tolerance, max_seconds=args.max_seconds,
-        min_frames=args.min_frames, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
-        batch_size=args.batch_size, encoder_dtype=args.encoder_dtype, seed=args.seed,
-    )
-    import jax
-
-    barrier = None
-    if args.distributed:
-        jax.distributed.initialize()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        barrier = lambda: multihost_utils.sync_global_devices("sabr-prepare: clips encoded")  # noqa: E731
-    report = prepare(
-        args.clips, args.data_dir, settings, process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier
-    )
-    if report is not None and report.get("error"):
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,10 +6,19 @@ a folder `DATA_DIR/prepared/<clip_id>/`, created under a temporary name and rena
 place only when complete (an atomic rename on one file system), so a folder that exists is
 finished and a rerun skips it:
 
-    meta.json     everything below the arrays: frame counts, dtype, patch grid, settings
-    motion.npy    [F, 161] float32 motion vectors (unnormalised), one per kept 24-FPS frame
-    video.bin     [F, P, Dv] raw tokens in `meta["dtype"]` (bfloat16 or float32), C order
-    context.bin   [C, P, Dv] raw tokens of the route frames
+    meta.json        everything below the arrays: frame counts, dtype, patch grid, settings
+    motion.npy       [F, 161] float32 motion vectors (unnormalised), one per kept 24-FPS frame;
+                     zeros where the climber is not tracked
+    motion_mask.npy  [F] bool: True where the tracker has the climber (the frame's motion is
+                     known); False frames keep their place and video tokens, and are left out
+                     of the loss and the normalisation statistics
+    video.bin        [F, P, Dv] raw tokens in `meta["dtype"]` (bfloat16 or float32), C order
+    context.bin      [C, P, Dv] raw tokens of the route frames
+
+The F frames are consecutive 24-FPS frames (from the first to the last frame where the
+climber is tracked): video and motion stay aligned in time. FORMAT numbers this layout
+(in meta.json and in the settings fingerprint, so that clips of an older format are
+prepared again; format 1 dropped the untracked frames, splicing the video in time).
 
 Tokens are raw binary (not .npy) so that they can be written batch by batch as the video
 decodes, without holding a 45-s clip in memory, and read back memory-mapped.
@@ -26,6 +35,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+FORMAT = 2
 META = "meta.json"
 FAILED_DIR = "_failed"  # DATA_DIR/prepared/_failed/<clip_id>.json: why a clip was skipped
 TMP_PREFIX = ".tmp-"
@@ -55,7 +65,12 @@ class PreparedClip:
         self.dtype = dtype_of(self.meta["dtype"])
 
     def motion(self) -> np.ndarray:
+        """[F, 161] float32, unnormalised; zeros on untracked frames."""
         return np.load(self.path / "motion.npy")
+
+    def motion_mask(self) -> np.ndarray:
+        """[F] bool: True where the climber is tracked."""
+        return np.load(self.path / "motion_mask.npy")
 
     def _tokens(self, name: str, count: int) -> np.ndarray:
         shape = (count, self.num_patches, self.video_dim)
@@ -91,12 +106,20 @@ class ClipWriter:
         self._files[name].write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self.counts[name] += len(tokens)
 
-    def commit(self, motion: np.ndarray, meta: dict) -> Path:
+    def commit(self, motion: np.ndarray, meta: dict, motion_mask: np.ndarray | None = None) -> Path:
+        """Write motion [F, 161], motion_mask [F] bool (None: every frame tracked) and meta (plus
+        FORMAT); rename the folder into place."""
         for f in self._files.values():
             f.close()
-        if self.counts["video.bin"] != len(motion):
-            raise AssertionError(f"{self.counts['video.bin']} token frames for {len(motion)} motion frames")
+        if motion_mask is None:
+            motion_mask = np.ones(len(motion), bool)
+        if not self.counts["video.bin"] == len(motion) == len(motion_mask):
+            raise AssertionError(
+                f"{self.counts['video.bin']} token frames for {len(motion)} motion frames, {len(motion_mask)} mask values"
+            )
         np.save(self.tmp / "motion.npy", np.asarray(motion, np.float32))
+        np.save(self.tmp / "motion_mask.npy", np.asarray(motion_mask, bool))
+        meta = {"format": FORMAT, **meta}
         with open(self.tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
         if self.final.exists():  # a stale result (other settings): replace it

@@ -1,8 +1,7 @@
-"""`sabr-synth`: SynthClimb, a learnable procedural climbing benchmark, in the layout users bring.
+"""SynthClimb, a learnable procedural climbing benchmark, in the layout users bring.
 
-    sabr-synth --out CLIPS --clips 4 [--size 368x640] [--holds 8] [--context 2] [--pan]
-
-writes CLIPS/<prefix>NNN/ with
+`write_clips(CLIPS, n)` (the command line: `sabr-synth`, sabr_jax.data.synth_cli) writes
+CLIPS/<prefix>NNN/ with
 
     video.mp4       the EMPTY wall (no climber drawn: the paper's videos have the climber inpainted
                     away): a smooth procedural texture with holds of several colours, shapes and sizes;
@@ -40,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sabr_jax import camera
+from sabr_jax import camera, skeleton
 from sabr_jax import motion as M
-from sabr_jax import skeleton
+from sabr_jax.cli import UserError
 from sabr_jax.data import synth_climber as C
 from sabr_jax.data import synth_wall as Wl
 
@@ -109,8 +108,8 @@ def make_tracks(
     rng: np.random.Generator, climber: dict, fps: float, height: int, width: int, *, tracker_gaps: bool = False
 ) -> tuple[dict, np.ndarray]:
     """PHALP-format results for the climber's fields (as `random_person` returns; n frames) beside a
-    distractor person and a ghost. tracker_gaps: the tracker loses the climber for 3 frames (those
-    frames are dropped by sabr-prepare). Returns (results, climber present [n] bool)."""
+    distractor person and a ghost. tracker_gaps: the tracker loses the climber for 3 frames inside the
+    clip (sabr-prepare keeps them in place, masked out of the loss). Returns (results, climber present [n] bool)."""
     n = len(climber["bbox"])
     people = {CLIMBER: dict(climber)}
     people.update({tid: random_person(rng, n, fps, height, width) for tid in (DISTRACTOR, GHOST)})
@@ -132,7 +131,12 @@ def make_tracks(
         entries = [_entry(people[t], i, height, width) for t in listed]
         frame = {key: [e[key] for e in entries] for key in ("bbox", "camera_bbox", "camera", "size", "smpl", "conf")}
         frame.update(
-            tid=listed, tracked_ids=detected, time=i, shot=0, frame_path=f"{i + 1:06d}.jpg", class_name=[0] * len(listed)
+            tid=listed,
+            tracked_ids=detected,
+            time=i,
+            shot=0,
+            frame_path=f"{i + 1:06d}.jpg",
+            class_name=[0] * len(listed),
         )
         results[f"{i + 1:06d}.jpg"] = frame
     return results, present
@@ -194,9 +198,9 @@ def make_clip(
     from PIL import Image
 
     if height % 2 or width % 2:
-        raise ValueError(f"height and width must be even for H.264, got {height}x{width}")
+        raise UserError(f"height and width must be even for H.264, got {height}x{width}")
     if holds is not None and seconds is not None:
-        raise ValueError("give holds or seconds, not both")
+        raise UserError("give holds or seconds, not both")
     if holds is None:
         holds = DEFAULT_HOLDS if seconds is None else holds_for_seconds(seconds, fps)
     folder = Path(folder)
@@ -239,7 +243,11 @@ def make_clip(
 
     tracks, present = make_tracks(rng, fields, fps, height, width, tracker_gaps=tracker_gaps)
     joblib.dump(tracks, folder / "tracks.pkl", compress=3)
-    info = {"image_size": [height, width], "route": route.round(2).tolist(), "distractors": distractors.round(2).tolist()}
+    info = {
+        "image_size": [height, width],
+        "route": route.round(2).tolist(),
+        "distractors": distractors.round(2).tolist(),
+    }
     if pan:
         info["view"] = views.round(5).tolist()
     with open(folder / "holds.json", "w") as f:
@@ -283,7 +291,7 @@ def write_clips(
             size = json.loads((path / "holds.json").read_text()).get("image_size")
             wanted = [kwargs.get("height", 368), kwargs.get("width", 640)]
             if size != wanted:
-                raise ValueError(f"{path}: already holds a clip of size {size}, not {wanted}: use another --out")
+                raise UserError(f"{path}: already holds a clip of size {size}, not {wanted}: use another --out")
             paths.append(path)
             continue
         start = time.perf_counter()
@@ -294,45 +302,3 @@ def write_clips(
             log(f"[{i + 1}/{num_clips}] {path}: {holds} holds, {n} frames, {seconds:.2f} s")
         paths.append(path)
     return paths
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="sabr-synth",
-        description="Write SynthClimb clips (video.mp4 of the empty wall, context/*.png route images, PHALP "
-        "tracks.pkl of the climber, holds.json) in the layout sabr-prepare reads. The climb is a deterministic "
-        "function of the route; each clip's wall comes from (--seed, clip number), so runs with different "
-        "seeds share no wall.",
-    )
-    parser.add_argument("--out", required=True, help="folder to write CLIPS/<prefix>NNN/ into")
-    parser.add_argument("--clips", type=int, default=4, help="number of clips (default 4)")
-    parser.add_argument("--size", default="368x640", help="video HxW, both even (default 368x640)")
-    parser.add_argument(
-        "--holds",
-        type=int,
-        default=None,
-        help=f"route holds per clip, 3 to {C.MAX_HOLDS} (default {DEFAULT_HOLDS}); the clip length follows from it",
-    )
-    parser.add_argument(
-        "--seconds", type=float, default=None, help="instead of --holds: the shortest route whose climb lasts at least this long"
-    )
-    parser.add_argument("--fps", type=int, default=24, help="frame rate of the videos (default 24)")
-    parser.add_argument("--context", type=int, default=2, help="route images per clip (default 2)")
-    parser.add_argument("--pan", action="store_true", help="slow camera pan and zoom (holds.json gets per-frame views)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
-    parser.add_argument("--prefix", default="clip", help="clip folder prefix (default 'clip')")
-    args = parser.parse_args(argv)
-    height, width = (int(v) for v in args.size.lower().split("x"))
-    start = time.perf_counter()
-    paths = write_clips(
-        args.out, args.clips, seed=args.seed, prefix=args.prefix, log=lambda line: print(line, flush=True),
-        holds=args.holds, seconds=args.seconds, fps=args.fps, height=height, width=width, context=args.context,
-        pan=args.pan,
-    )  # fmt: skip
-    print(f"wrote {len(paths)} clips to {args.out} in {time.perf_counter() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,6 +22,7 @@ import numpy as np
 
 from sabr_jax import motion as M
 from sabr_jax import skeleton as S
+from sabr_jax.cli import UserError
 
 LIMBS = ("left_hand", "right_hand", "left_foot", "right_foot")
 LIMB_JOINTS = np.array([S.END_EFFECTORS[name] for name in LIMBS])  # [4] joint ids
@@ -220,7 +221,7 @@ def make_route(rng: np.random.Generator, num_holds: int, view_width: float) -> n
     images show at the scale the tokens resolve, which keeps the benchmark learnable.
     """
     if not 3 <= num_holds <= MAX_HOLDS:
-        raise ValueError(f"a route needs 3 to {MAX_HOLDS} holds to fit a {VIEW_HEIGHT:g} m view, got {num_holds}")
+        raise UserError(f"a route needs 3 to {MAX_HOLDS} holds to fit a {VIEW_HEIGHT:g} m view, got {num_holds}")
     step = min(_MAX_STEP, (_TOP - _BOTTOM) / (num_holds - 1))
     rises = step * rng.uniform(0.95, 1.0, num_holds - 1)
     y = _BOTTOM + rng.uniform(0, _TOP - _BOTTOM - rises.sum()) + np.concatenate([[0.0], np.cumsum(rises)])

@@ -74,7 +74,9 @@ class Holds:
                 wedge = 2 * np.pi / sides
                 level = rho * np.cos(np.mod(np.arctan2(b, a), wedge) - wedge / 2) / (r * np.cos(wedge / 2))
             inside = level <= 1
-            value = colour * (1.0 - 0.3 * level[..., None] ** 2) if shade else np.broadcast_to(colour, level.shape + (3,))
+            value = (
+                colour * (1.0 - 0.3 * level[..., None] ** 2) if shade else np.broadcast_to(colour, level.shape + (3,))
+            )
             image[y0:y1, x0:x1][inside] = value[inside].astype(np.uint8)
 
 
@@ -103,7 +105,9 @@ def view_of(canvas: np.ndarray, corner: tuple[int, int], view, height: int, widt
     if (s, dx, dy) == (1.0, 0.0, 0.0):
         return canvas[-top : height - top, -left : width - left].copy()
     affine = (1 / s, 0.0, -dx / s - left, 0.0, 1 / s, -dy / s - top)  # frame pixel -> canvas pixel
-    image = Image.fromarray(canvas).transform((width, height), Image.Transform.AFFINE, affine, Image.Resampling.BILINEAR)
+    image = Image.fromarray(canvas).transform(
+        (width, height), Image.Transform.AFFINE, affine, Image.Resampling.BILINEAR
+    )
     return np.asarray(image)
 
 

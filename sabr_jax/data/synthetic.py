@@ -45,11 +45,13 @@ class SyntheticClips:
         renderer = np.random.default_rng([seed, 2**31 - 1])
         # [P, Dv, 161]: how each patch token sees the motion vector, each feature centred and
         # weighed by 1 / its spread, so that every feature is as visible as every other.
-        self._render = renderer.normal(0, 1 / np.sqrt(M.MOTION_DIM), (num_patches, video_dim, M.MOTION_DIM)).astype(np.float32)
+        self._render = renderer.normal(0, 1 / np.sqrt(M.MOTION_DIM), (num_patches, video_dim, M.MOTION_DIM)).astype(
+            np.float32
+        )
         # Patch p sees only the slots s with s % P == p (a body part), as a real patch sees
         # only part of the scene; a fixed per-patch code tells the patches apart.
         slot_of_feature = np.repeat(np.arange(M.NUM_SLOTS), [width for _, width in M.SLOTS])
-        self._render *= (slot_of_feature[None, None, :] % num_patches == np.arange(num_patches)[:, None, None])
+        self._render *= slot_of_feature[None, None, :] % num_patches == np.arange(num_patches)[:, None, None]
         self._patch_code = renderer.normal(0, 1.0, (num_patches, video_dim)).astype(np.float32)
         reference = np.concatenate([self._motion(np.random.default_rng([seed, 2**31 - 2, i])) for i in range(8)])
         self._center = reference.mean(0)
@@ -68,7 +70,12 @@ class SyntheticClips:
         clip = self._clip(index)
         if not 0 <= start <= stop <= len(clip["motion"]):
             raise IndexError(f"frames {start}:{stop} out of range for clip {index} of {len(clip['motion'])} frames")
-        return {"motion": clip["motion"][start:stop], "video": clip["video"][start:stop], "context": clip["context"]}
+        return {
+            "motion": clip["motion"][start:stop],
+            "motion_mask": np.ones(stop - start, bool),
+            "video": clip["video"][start:stop],
+            "context": clip["context"],
+        }
 
     def _rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < self.num_clips:
@@ -97,7 +104,7 @@ class SyntheticClips:
         betas = np.broadcast_to(rng.normal(0, 0.5, M.NUM_BETAS), (n, M.NUM_BETAS))
         return np.concatenate([bbox, camera, rot6d, betas], axis=1).astype(np.float32)
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - sources live as long as the run; 64 clips at most
     def _clip(self, index: int) -> dict[str, np.ndarray]:
         rng = self._rng(index)
         vectors = self._motion(rng)

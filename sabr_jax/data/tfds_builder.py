@@ -11,12 +11,16 @@ Layout (what makes a training window read only its own frames):
 
   so motion frames start..stop-1 of a clip are records first+C+start .. first+C+stop-1.
 * Every record holds `clip` (the clip's ordinal in its split), `frame` (t, or c for a
-  context frame), `is_context`, `motion` [161] float32 (zeros on context frames) and
-  `tokens` [P, Dv] (bfloat16 or float32, stored as raw bytes).
+  context frame), `is_context`, `tracked` (1 on a motion frame where the climber is
+  tracked; 0 on context frames and on motion frames where the tracker lost the climber:
+  those keep their place and tokens, their motion is zeros and is out of the loss),
+  `motion` [161] float32 (zeros on context and untracked frames) and `tokens` [P, Dv]
+  (bfloat16 or float32, stored as raw bytes).
 * The per-clip index, `sabr_index.json` in the dataset's version folder, lists for every
-  clip of every split: clip_id, source_clip, part, first_record, num_context, num_frames
-  (and the patch grid, holds, ...). Readers need only this file and `tfds`: see
-  `sabr_jax.data.tfds_source`.
+  clip of every split: clip_id, source_clip, part, first_record, num_context, num_frames,
+  masked_frames (and the patch grid, holds, ...). Readers need only this file and `tfds`:
+  see `sabr_jax.data.tfds_source`. Its `format` is INDEX_FORMAT; readers refuse any other
+  (format 1, before `tracked`, had dropped the untracked frames, splicing clips in time).
 
 Why not the stock `GeneratorBasedBuilder` writer: with `disable_shuffling` (which a
 contiguous layout needs) it buffers the whole split and sorts it in memory, and a dataset
@@ -45,7 +49,7 @@ from sabr_jax.motion import MOTION_DIM
 NAME = "sabr_clips"
 VERSION = "1.0.0"
 INDEX_FILE = "sabr_index.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 DEFAULT_SHARD_BYTES = 1 << 30  # ~1 GiB per ArrayRecord shard
 
 
@@ -67,10 +71,9 @@ def features(num_patches: int, video_dim: int, precision: str) -> tfds.features.
             "clip": tfds.features.Scalar(np.int32),
             "frame": tfds.features.Scalar(np.int32),
             "is_context": tfds.features.Scalar(np.int32),
+            "tracked": tfds.features.Scalar(np.int32),
             "motion": tfds.features.Tensor(shape=(MOTION_DIM,), dtype=np.float32, encoding="bytes"),
-            "tokens": tfds.features.Tensor(
-                shape=(num_patches, video_dim), dtype=dtype_of(precision), encoding="bytes"
-            ),
+            "tokens": tfds.features.Tensor(shape=(num_patches, video_dim), dtype=dtype_of(precision), encoding="bytes"),
         }
     )
 
@@ -84,7 +87,11 @@ class SabrClips(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version(VERSION)
-    RELEASE_NOTES = {str(VERSION): "One record per frame; per-clip index in sabr_index.json."}
+    RELEASE_NOTES = {
+        str(
+            VERSION
+        ): "One record per frame; per-clip index in sabr_index.json (its `format` numbers the record layout)."
+    }
 
     def __init__(
         self,
@@ -167,7 +174,9 @@ class SabrClips(tfds.core.GeneratorBasedBuilder):
             if next(records, None) is not None:
                 raise AssertionError("more records than planned")
             split_infos.append(
-                tfds.core.SplitInfo(name=name, shard_lengths=shard_lengths, num_bytes=num_bytes, filename_template=template)
+                tfds.core.SplitInfo(
+                    name=name, shard_lengths=shard_lengths, num_bytes=num_bytes, filename_template=template
+                )
             )
             first, entries = 0, []
             for clip_index, (part, length) in enumerate(zip(parts, lengths)):
@@ -182,6 +191,7 @@ class SabrClips(tfds.core.GeneratorBasedBuilder):
                         "first_record": first,
                         "num_context": clip.num_context,
                         "num_frames": part.stop - part.start,
+                        "masked_frames": int((~clip.motion_mask()[part.start : part.stop]).sum()),
                         "grid": clip.meta.get("grid"),
                         "holds": clip.meta.get("holds"),
                     }
@@ -214,13 +224,21 @@ def _records(clip_index: int, part: ClipPart):
     zeros = np.zeros(MOTION_DIM, np.float32)
     context = clip.context()
     for c in range(clip.num_context):
-        yield {"clip": clip_index, "frame": c, "is_context": 1, "motion": zeros, "tokens": np.asarray(context[c])}
-    motion, video = clip.motion(), clip.video()
+        yield {
+            "clip": clip_index,
+            "frame": c,
+            "is_context": 1,
+            "tracked": 0,
+            "motion": zeros,
+            "tokens": np.asarray(context[c]),
+        }
+    motion, mask, video = clip.motion(), clip.motion_mask(), clip.video()
     for t in range(part.start, part.stop):
         yield {
             "clip": clip_index,
             "frame": t - part.start,
             "is_context": 0,
+            "tracked": int(mask[t]),
             "motion": motion[t],
             "tokens": np.asarray(video[t]),
         }

@@ -7,23 +7,27 @@
 start..stop-1 (a contiguous record range, see sabr_jax.data.tfds_builder) through
 `tfds.data_source` random access: a 48-frame window of a 45-s clip reads 48 frames'
 tokens, not 1100. Tokens come back in their stored dtype (bfloat16 by default); motion
-is float32, unnormalised. The source pickles without its open files (Grain workers
+is float32, unnormalised, with `motion_mask` [n] bool False on frames where the tracker
+lost the climber (their motion is zeros). The source pickles without its open files (Grain workers
 reopen them), so it works with any number of Grain worker processes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
+from sabr_jax.cli import UserError
 from sabr_jax.data import tfds_builder
 from sabr_jax.motion import MOTION_DIM, NormStats
 
 
-class DatasetMismatchError(ValueError):
+class DatasetMismatchError(UserError):
     """The dataset's shapes do not match the config (or the file layout is broken)."""
 
 
@@ -44,12 +48,23 @@ class TfdsClips:
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
         self.path = find_dataset(data_dir)
-        self.index = json.loads((self.path / tfds_builder.INDEX_FILE).read_text())
+        try:
+            self.index = json.loads((self.path / tfds_builder.INDEX_FILE).read_text())
+        except ValueError as e:
+            raise DatasetMismatchError(
+                f"{self.path / tfds_builder.INDEX_FILE}: not valid JSON ({e}); rerun sabr-prepare"
+            ) from None
         if self.index.get("format") != tfds_builder.INDEX_FORMAT:
-            raise DatasetMismatchError(f"{self.path}: index format {self.index.get('format')}, expected {tfds_builder.INDEX_FORMAT}")
+            raise DatasetMismatchError(
+                f"{self.path}: dataset format {self.index.get('format')}, this sabr_jax reads format {tfds_builder.INDEX_FORMAT} "
+                "(format 2 keeps the frames where the tracker lost the climber, masked, instead of splicing them out); "
+                "rebuild it: rerun sabr-prepare on the same clips with the same --data_dir (its clips are prepared again)"
+            )
         splits = self.index["splits"]
         if split not in splits:
-            raise ValueError(f"{self.path}: no split {split!r} (has {sorted(splits)}; validation is empty when there are too few clips)")
+            raise UserError(
+                f"{self.path}: no split {split!r} (has {sorted(splits)}; validation is empty when there are too few clips)"
+            )
         self.split = split
         self.clips: list[dict] = splits[split]
         self.num_patches: int = self.index["num_patches"]
@@ -74,9 +89,13 @@ class TfdsClips:
         clip = self.clips[index]
         num_context, frames = clip["num_context"], clip["num_frames"]
         if not 0 <= start <= stop <= frames:
-            raise IndexError(f"frames {start}:{stop} out of range for clip {index} ({clip['clip_id']}) of {frames} frames")
+            raise IndexError(
+                f"frames {start}:{stop} out of range for clip {index} ({clip['clip_id']}) of {frames} frames"
+            )
         first = clip["first_record"]
-        keys = list(range(first, first + num_context)) + list(range(first + num_context + start, first + num_context + stop))
+        keys = list(range(first, first + num_context)) + list(
+            range(first + num_context + start, first + num_context + stop)
+        )
         records = self._source().__getitems__(keys) if keys else []
         expected = [(1, c) for c in range(num_context)] + [(0, t) for t in range(start, stop)]
         for record, (is_context, frame) in zip(records, expected):
@@ -86,9 +105,23 @@ class TfdsClips:
                     f"found (clip={int(record['clip'])}, context={int(record['is_context'])}, frame={int(record['frame'])})"
                 )
         dtype = records[0]["tokens"].dtype if records else np.float32
-        tokens = np.stack([r["tokens"] for r in records]) if records else np.zeros((0, self.num_patches, self.video_dim), dtype)
-        motion = np.stack([r["motion"] for r in records[num_context:]]) if stop > start else np.zeros((0, MOTION_DIM), np.float32)
-        return {"motion": motion.astype(np.float32, copy=False), "video": tokens[num_context:], "context": tokens[:num_context]}
+        tokens = (
+            np.stack([r["tokens"] for r in records])
+            if records
+            else np.zeros((0, self.num_patches, self.video_dim), dtype)
+        )
+        motion = (
+            np.stack([r["motion"] for r in records[num_context:]])
+            if stop > start
+            else np.zeros((0, MOTION_DIM), np.float32)
+        )
+        mask = np.array([int(r["tracked"]) for r in records[num_context:]], bool)
+        return {
+            "motion": motion.astype(np.float32, copy=False),
+            "motion_mask": mask,
+            "video": tokens[num_context:],
+            "context": tokens[:num_context],
+        }
 
     def stats(self) -> NormStats:
         return NormStats.from_dict(self.index["norm_stats"])
@@ -113,31 +146,62 @@ class TfdsClips:
 def check(cfg, source: TfdsClips) -> None:
     """Raise DatasetMismatchError unless the config's shapes match the dataset's.
 
-    Checks cfg.data.num_patches == P and cfg.model.video_dim == Dv of the tokens, and
-    that cfg.data.max_frames leaves room for a motion frame after the context frames.
+    Checks cfg.data.num_patches == P and cfg.model.video_dim == Dv of the tokens where
+    the config sets them (0, unset, takes the dataset's: sabr_jax.data.sources.resolve_shapes),
+    that model.patch_grid (if set) has P positions, and that cfg.data.max_frames leaves room
+    for a motion frame after the context frames.
     """
     problems = []
-    if cfg.data.num_patches != source.num_patches:
-        problems.append(f"data.num_patches={cfg.data.num_patches} but the dataset has {source.num_patches} tokens per frame")
-    if cfg.model.video_dim != source.video_dim:
+    if cfg.data.num_patches and cfg.data.num_patches != source.num_patches:
+        problems.append(
+            f"data.num_patches={cfg.data.num_patches} but the dataset has {source.num_patches} tokens per frame"
+        )
+    if cfg.model.video_dim and cfg.model.video_dim != source.video_dim:
         problems.append(f"model.video_dim={cfg.model.video_dim} but the dataset's tokens are {source.video_dim} wide")
-    if cfg.data.max_frames <= min(cfg.data.context_frames, max((source.num_context(i) for i in range(len(source))), default=0)):
-        problems.append(f"data.max_frames={cfg.data.max_frames} leaves no room for motion after data.context_frames={cfg.data.context_frames}")
+    grid = tuple(cfg.model.patch_grid or ())
+    if grid and math.prod(grid) != source.num_patches:
+        problems.append(
+            f"model.patch_grid={grid} has {math.prod(grid)} positions but the dataset has {source.num_patches} "
+            f"tokens per frame (its grid: {source.clips[0].get('grid') if source.clips else '?'})"
+        )
+    contexts = [source.num_context(i) for i in range(len(source))]
+    if cfg.data.max_frames <= min(cfg.data.context_frames, max(contexts, default=0)):
+        problems.append(
+            f"data.max_frames={cfg.data.max_frames} leaves no room for motion after data.context_frames={cfg.data.context_frames}"
+        )
     if problems:
         pool = source.index.get("pool", 1)
         raise DatasetMismatchError(
             f"config does not match the dataset {source.path} (P={source.num_patches}, Dv={source.video_dim}, pool={pool}): "
             + "; ".join(problems)
-            + f". Set --config.data.num_patches={source.num_patches} --config.model.video_dim={source.video_dim}, "
-            "or prepare the data with the matching encoder/--pool."
+            + f". Set --config.data.num_patches={source.num_patches} --config.model.video_dim={source.video_dim} "
+            "(or 0 to take the dataset's), or prepare the data with the matching encoder/--pool."
+        )
+
+
+def warn_unused_context(cfg, source: TfdsClips) -> None:
+    """Log a warning naming the clips with more route images than data.context_frames."""
+    cut = [source.clip_id(i) for i in range(len(source)) if source.num_context(i) > cfg.data.context_frames]
+    if cut:
+        logging.warning(
+            "%s: %d clips of split %r have more route images than data.context_frames=%d; only their first %d (in "
+            "natural name order) are used: %s",
+            source.path,
+            len(cut),
+            source.split,
+            cfg.data.context_frames,
+            cfg.data.context_frames,
+            ", ".join(cut[:10]) + (", ..." if len(cut) > 10 else ""),
         )
 
 
 def open_tfds(data_dir: str | os.PathLike, split: str = "train", cfg=None) -> tuple[TfdsClips, NormStats]:
-    """(source over `split`, normalisation statistics of the train split); checks cfg if given."""
+    """(source over `split`, normalisation statistics of the train split); checks cfg if given
+    (and warns when clips have more route images than it uses)."""
     if not data_dir:
-        raise ValueError("data.dir is empty: point it at the --data_dir of sabr-prepare")
+        raise UserError("data.dir is empty: point it at the --data_dir of sabr-prepare")
     source = TfdsClips(data_dir, split)
     if cfg is not None:
         check(cfg, source)
+        warn_unused_context(cfg, source)
     return source, source.stats()

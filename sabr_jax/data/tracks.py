@@ -18,7 +18,9 @@ Rules:
   "frame_9.jpg" < "frame_10.jpg"); the i-th name is the i-th decoded video frame.
 * The climber's track is the track id *detected* (in `tracked_ids`) in the most frames;
   ties go to the smallest id. Ghost entries (listed in `tid`, not detected) neither count
-  nor are used: a frame where the climber is not detected has no motion and is dropped.
+  nor are used: a frame where the climber is not detected has no motion (`present` False,
+  zeros). sabr-prepare keeps such frames in place, masked out of the loss (see
+  sabr_jax.data.prepare), so that the video is not spliced in time.
   Never by list position: people are listed in any order.
 * The motion vector of a frame (see sabr_jax.motion): bbox / [W, H, W, H], camera_bbox,
   (global_orient, body_pose) as 6D, betas.
@@ -49,8 +51,21 @@ class TrackError(ValueError):
 _ALLOWED = {
     ("builtins", name)
     for name in (
-        "dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
-        "bytearray", "bool", "slice", "range", "object",
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "int",
+        "float",
+        "complex",
+        "str",
+        "bytes",
+        "bytearray",
+        "bool",
+        "slice",
+        "range",
+        "object",
     )
 } | {
     ("collections", "OrderedDict"),
@@ -58,7 +73,11 @@ _ALLOWED = {
     ("joblib.numpy_pickle", "NumpyArrayWrapper"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
-    *((mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")),
+    *(
+        (mod, name)
+        for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    ),
     *((mod, "_frombuffer") for mod in ("numpy.core.numeric", "numpy._core.numeric")),
 }
 
@@ -68,9 +87,11 @@ def _find_class(module: str, name: str):
     # numpy >= 1.25 may pickle dtypes by class, e.g. numpy.dtypes.Float32DType
     allowed |= module in ("numpy.dtypes", "numpy._core.dtypes") and re.fullmatch(r"[A-Za-z0-9]+DType", name) is not None
     if not allowed:
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays and plain Python values are allowed")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: only numpy arrays and plain Python values are allowed"
+        )
     if module.startswith("numpy.core"):  # numpy 1.x module names, renamed numpy._core in 2.x
-        module = "numpy._core" + module[len("numpy.core"):]
+        module = "numpy._core" + module[len("numpy.core") :]
     return getattr(importlib.import_module(module), name)
 
 
@@ -163,7 +184,9 @@ def _entry(frame: Mapping, key: str, pos: int, path: str, name, tid: int):
     try:
         return values[pos]
     except (IndexError, KeyError, TypeError):
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: field '{key}' has no entry {pos} (lists of unequal length)") from None
+        raise TrackError(
+            f"{path}: frame {name!r}, track {tid}: field '{key}' has no entry {pos} (lists of unequal length)"
+        ) from None
 
 
 def _field(frame: Mapping, key: str, pos: int, path: str, name, tid: int, shape: tuple):
@@ -180,7 +203,9 @@ def _array(value, path, name, tid, label, shape) -> np.ndarray:
         if arr.shape == (1, *shape):
             arr = arr[0]
         else:
-            raise TrackError(f"{path}: frame {name!r}, track {tid}: field '{label}' has shape {arr.shape}, expected {shape}")
+            raise TrackError(
+                f"{path}: frame {name!r}, track {tid}: field '{label}' has shape {arr.shape}, expected {shape}"
+            )
     if not np.all(np.isfinite(arr)):
         raise TrackError(f"{path}: frame {name!r}, track {tid}: field '{label}' has non-finite values (NaN or inf)")
     return arr
@@ -210,7 +235,9 @@ def motion_vector(frame: Mapping, tid: int, path: str, name, image_hw: tuple[int
     rotations = np.concatenate([parts["global_orient"], parts["body_pose"]])  # [24, 3, 3]
     error = np.abs(np.swapaxes(rotations, -1, -2) @ rotations - np.eye(3)).max()
     if error > 1e-2:
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: 'smpl' holds matrices that are not rotations (|R^T R - I| = {error:.3g})")
+        raise TrackError(
+            f"{path}: frame {name!r}, track {tid}: 'smpl' holds matrices that are not rotations (|R^T R - I| = {error:.3g})"
+        )
     rot6d = M.matrix_to_rot6d(rotations).reshape(-1)
     vector = np.concatenate([bbox / np.array([w, h, w, h]), camera, rot6d, parts["betas"]])
     assert vector.shape == (M.MOTION_DIM,)

@@ -151,12 +151,26 @@ def resampled_frames(
             )
 
 
-def read_context(folder: str | os.PathLike, size: tuple[int, int] | None = FRAME_SIZE) -> tuple[list[str], np.ndarray]:
-    """The route images of a clip (PNG, sorted by name), as uint8 [C, h, w, 3] at `size`."""
+def read_context(
+    folder: str | os.PathLike, size: tuple[int, int] | None = FRAME_SIZE, limit: int | None = None
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """The route images of a clip: (names used, uint8 [C, h, w, 3] at `size`, names dropped).
+
+    The PNGs of `folder` are taken in natural name order, as track frames are (runs of
+    digits compare as numbers: 2.png before 10.png; sabr_jax.data.tracks.natural_key);
+    the first `limit` (None: all) are read, the rest are dropped and named in the third
+    value so that the caller can say so.
+    """
     from PIL import Image
 
+    from sabr_jax.data.tracks import natural_key
+
     folder = Path(folder)
-    names = sorted(p.name for p in folder.glob("*.png")) if folder.is_dir() else []
+    names = sorted((p.name for p in folder.glob("*.png")), key=natural_key) if folder.is_dir() else []
+    if limit is not None:
+        names, dropped = names[:limit], names[limit:]
+    else:
+        dropped = []
     frames = []
     for name in names:
         try:
@@ -172,8 +186,8 @@ def read_context(folder: str | os.PathLike, size: tuple[int, int] | None = FRAME
         raise VideoError(f"{folder}: route images have different orientations: {sorted({f.shape for f in frames})}")
     if not frames:
         h, w = size or (0, 0)
-        return [], np.zeros((0, h, w, 3), np.uint8)
-    return names, np.stack(frames)
+        return [], np.zeros((0, h, w, 3), np.uint8), dropped
+    return names, np.stack(frames), dropped
 
 
 def pool_tokens(tokens: np.ndarray, grid: tuple[int, int], pool: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -1,7 +1,6 @@
-"""`sabr-eval`: the paper's metrics for an exported model on the held-out clips of a dataset.
+"""The paper's metrics for an exported model on the held-out clips of a dataset (`sabr-eval`).
 
-    sabr-eval --checkpoint EXPORT_DIR --data_dir DATA --out OUT [--split validation]
-              [--steps K] [--method ddpm|ddim] [--seed S] [--max_clips N] [--batch_size B]
+    evaluate(EXPORT_DIR, DATA, OUT)     # the command line: sabr-eval, sabr_jax.eval.evaluate_cli
 
 EXPORT_DIR is what `sabr-train --export` (or sabr-demo) writes; DATA is the --data_dir of
 sabr-prepare. Every held-out clip is scored whole, from its first frame, with its route
@@ -32,11 +31,9 @@ sabr-prepare drops the frames where it did not, which shifts later frames.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import sys
 import time
 
 import jax
@@ -45,6 +42,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sabr_jax import checkpoint
+from sabr_jax.cli import UserError
 from sabr_jax.data import pipeline
 from sabr_jax.data.tfds_builder import INDEX_FILE
 from sabr_jax.data.tfds_source import TfdsClips, open_tfds
@@ -55,8 +53,15 @@ from sabr_jax.trainer import build_model
 
 ROWS = ("model", "mean_motion", "random_clip", "shuffled_video", "ground_truth")
 SAMPLED = ("model", "shuffled_video")
-PER_VIDEO = ("movement_mse", "movement_mse_raw", "route_adherence", "route_touched", "route_holds",
-             "distractors_touched", "distractor_holds")
+PER_VIDEO = (
+    "movement_mse",
+    "movement_mse_raw",
+    "route_adherence",
+    "route_touched",
+    "route_holds",
+    "distractors_touched",
+    "distractor_holds",
+)
 TIME_MULTIPLE = 8  # time positions are rounded up to a multiple of this (one compile for all clips)
 
 
@@ -72,7 +77,9 @@ def load_model(export_dir: str, steps: int | None = None, method: str | None = N
     """-> (params, cfg, the checkpoint's NormStats, sampler) of an export; steps/method override cfg.sample."""
     params, meta = checkpoint.load_export(export_dir)
     if "config" not in meta or "norm_stats" not in meta:
-        raise ValueError(f"{export_dir}: the export's meta lacks 'config' or 'norm_stats' (not written by sabr-train --export?)")
+        raise UserError(
+            f"{export_dir}: the export's meta lacks 'config' or 'norm_stats' (not written by sabr-train --export?)"
+        )
     cfg, stats = checkpoint.read_meta(meta)
     if steps is not None:
         cfg.sample.steps = steps
@@ -94,7 +101,9 @@ def _score(pred, truth, stats, holds, first_frame, radius_scale, min_frames, joi
     if holds is None:
         return out | {k: None for k in PER_VIDEO[2:]}
     frames = first_frame + np.arange(len(pred))
-    return out | M.route_adherence(pred, holds, frames, radius_scale=radius_scale, min_frames=min_frames, joint_pixels=joint_pixels)
+    return out | M.route_adherence(
+        pred, holds, frames, radius_scale=radius_scale, min_frames=min_frames, joint_pixels=joint_pixels
+    )
 
 
 def _sample(source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed):
@@ -114,15 +123,20 @@ def _sample(source, contexts, lengths, positions, params, model_stats, sampler, 
             for i in indices:
                 truths[i], other = clips[i]["motion"], clips[(i + 1) % n]
                 own.append(pipeline.assemble(clips[i], positions, contexts[i], model_stats))
-                swapped = {"motion": truths[i], "video": fit(other["video"], lengths[i]), "context": fit(other["context"], contexts[i])}
+                swapped = {
+                    "motion": truths[i],
+                    "video": fit(other["video"], lengths[i]),
+                    "context": fit(other["context"], contexts[i]),
+                }
                 shuffled.append(pipeline.assemble(swapped, positions, contexts[i], model_stats))
             key = jax.random.fold_in(jax.random.PRNGKey(seed), b)
             for row, examples in zip(SAMPLED, (own, shuffled)):
                 examples = examples + [examples[0]] * (batch_size - len(examples))  # a full batch: one compile
                 batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-                motion = model_stats.denormalize(np.asarray(sampler(params, batch, key), np.float32))
+                motions = sampler(params, batch, key)  # each example's motion frames (normalised)
                 for r, i in enumerate(indices):
-                    sampled[row][i] = motion[r, contexts[i] : contexts[i] + lengths[i]]
+                    assert len(motions[r]) == lengths[i], (len(motions[r]), lengths[i])
+                    sampled[row][i] = model_stats.denormalize(motions[r])
                 progress.update()
     return truths, sampled
 
@@ -155,35 +169,45 @@ def evaluate(
     sabr_jax.camera.joint_pixels (e.g. with a SMPL body model).
     """
     if batch_size < 1 or (max_clips is not None and max_clips < 1) or (steps is not None and steps < 1):
-        raise ValueError(f"batch_size, max_clips and steps must be >= 1, got {batch_size}, {max_clips}, {steps}")
+        raise UserError(f"batch_size, max_clips and steps must be >= 1, got {batch_size}, {max_clips}, {steps}")
     start_time = time.time()
     params, cfg, model_stats, sampler = load_model(export_dir, steps, method)
     source, stats = open_tfds(data_dir, split, cfg=cfg)
     train = source if split == "train" else TfdsClips(data_dir, "train")
     n = len(source) if max_clips is None else min(len(source), max_clips)
     if n == 0:
-        raise ValueError(f"{source.path}: split {split!r} has no clips to evaluate")
+        raise UserError(f"{source.path}: split {split!r} has no clips to evaluate")
     if len(train) == 0:
-        raise ValueError(f"{source.path}: the train split has no clips (the random_clip row draws from it)")
+        raise UserError(f"{source.path}: the train split has no clips (the random_clip row draws from it)")
     notes = []
-    if not (np.allclose(model_stats.mean, stats.mean, atol=1e-5) and np.allclose(model_stats.std, stats.std, atol=1e-5)):
-        notes.append("the export's normalisation statistics differ from this dataset's train split: was it trained on other data?")
+    if not (
+        np.allclose(model_stats.mean, stats.mean, atol=1e-5) and np.allclose(model_stats.std, stats.std, atol=1e-5)
+    ):
+        notes.append(
+            "the export's normalisation statistics differ from this dataset's train split: was it trained on other data?"
+        )
     if n == 1:
         notes.append("one clip only: shuffled_video uses the clip's own video (it equals model)")
     holds = [_holds(source, i) for i in range(n)]
     annotated = sum(h is not None for h in holds)
     if annotated == 0:
-        notes.append(f"no holds annotations in split {split!r} of {source.path}: route adherence is null (add holds.json "
-                     "to the clips and rerun sabr-prepare)")
+        notes.append(
+            f"no holds annotations in split {split!r} of {source.path}: route adherence is null (add holds.json "
+            "to the clips and rerun sabr-prepare)"
+        )
     elif annotated < n:
-        notes.append(f"{n - annotated} of {n} clips have no holds annotations: route adherence averages the other {annotated}")
+        notes.append(
+            f"{n - annotated} of {n} clips have no holds annotations: route adherence averages the other {annotated}"
+        )
 
     contexts = [min(source.num_context(i), cfg.data.context_frames) for i in range(n)]
     lengths = [source.num_frames(i) for i in range(n)]
     positions = -(-max(c + t for c, t in zip(contexts, lengths)) // TIME_MULTIPLE) * TIME_MULTIPLE
     batch_size = min(batch_size, n)
-    log(f"evaluating {n} clips of split {split!r} ({source.path}): {positions} time positions, "
-        f"{cfg.sample.steps} {cfg.sample.method} steps, batches of {batch_size}")
+    log(
+        f"evaluating {n} clips of split {split!r} ({source.path}): {positions} time positions, "
+        f"{cfg.sample.steps} {cfg.sample.method} steps, batches of {batch_size}"
+    )
     truths, sampled = _sample(source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed)
 
     rng = np.random.default_rng(seed)
@@ -202,7 +226,9 @@ def evaluate(
         }
         first_frame = source.clips[i].get("source_frames", [0])[0]
         for row in ROWS:
-            scores = _score(motions[row], truths[i], stats, holds[i], first_frame, radius_scale, min_frames, joint_pixels)
+            scores = _score(
+                motions[row], truths[i], stats, holds[i], first_frame, radius_scale, min_frames, joint_pixels
+            )
             rows[row].append({"clip_id": clip_id, "frames": lengths[i], **scores})
 
     result = {
@@ -217,11 +243,20 @@ def evaluate(
             for row, videos in rows.items()
         },
         "settings": {
-            "export_dir": os.path.abspath(export_dir), "dataset": str(source.path), "split": split, "clips": n,
-            "steps": cfg.sample.steps, "method": cfg.sample.method, "seed": seed, "batch_size": batch_size,
-            "time_positions": positions, "context_frames": cfg.data.context_frames,
-            "radius_scale": radius_scale, "min_frames": min_frames,
-            "normalisation": "the dataset's train-split NormStats", "seconds": round(time.time() - start_time, 1),
+            "export_dir": os.path.abspath(export_dir),
+            "dataset": str(source.path),
+            "split": split,
+            "clips": n,
+            "steps": cfg.sample.steps,
+            "method": cfg.sample.method,
+            "seed": seed,
+            "batch_size": batch_size,
+            "time_positions": positions,
+            "context_frames": cfg.data.context_frames,
+            "radius_scale": radius_scale,
+            "min_frames": min_frames,
+            "normalisation": "the dataset's train-split NormStats",
+            "seconds": round(time.time() - start_time, 1),
             "notes": notes,
         },
     }
@@ -249,43 +284,14 @@ def _write(out_dir: str, result: dict, samples: dict, log) -> None:
 
 def format_table(result: dict) -> str:
     """The console table: one line per row, means over the videos."""
-    columns = (("movement_mse", "movement MSE", ".4f"), ("movement_mse_raw", "MSE (raw)", ".5f"),
-               ("route_adherence", "route adherence", ".3f"), ("distractors_touched", "distractors touched", ".2f"))
+    columns = (
+        ("movement_mse", "movement MSE", ".4f"),
+        ("movement_mse_raw", "MSE (raw)", ".5f"),
+        ("route_adherence", "route adherence", ".3f"),
+        ("distractors_touched", "distractors touched", ".2f"),
+    )
     lines = [f"{'row':<16}" + "".join(f"{title:>21}" for _, title, _ in columns)]
     for row, summary in result["rows"].items():
         cells = ("null" if summary[k] is None else format(summary[k], spec) for k, _, spec in columns)
         lines.append(f"{row:<16}" + "".join(f"{c:>21}" for c in cells))
     return "\n".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sabr-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="an exported model folder (sabr-train --export DIR, or sabr_demo/export)")
-    p.add_argument("--data_dir", required=True, help="a prepared dataset (the --data_dir of sabr-prepare)")
-    p.add_argument("--out", required=True, help="output folder for metrics.json, metrics.csv, adherence.png, samples.npz")
-    p.add_argument("--split", default="validation", help="the split to evaluate (default validation)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the export's config, sample.steps)")
-    p.add_argument("--method", choices=("ddpm", "ddim"), default=None, help="sampler (default: the export's sample.method)")
-    p.add_argument("--seed", type=int, default=0, help="sampling noise and random_clip choice (default 0)")
-    p.add_argument("--max_clips", type=int, default=None, help="evaluate only the first N clips of the split")
-    p.add_argument("--batch_size", type=int, default=4, help="clips sampled at once (default 4)")
-    p.add_argument("--radius_scale", type=float, default=M.RADIUS_SCALE, help=f"touch radius in hold radii (default {M.RADIUS_SCALE})")
-    p.add_argument("--min_frames", type=int, default=M.MIN_FRAMES, help=f"frames near a hold that make a touch (default {M.MIN_FRAMES})")
-    return p
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        evaluate(
-            args.checkpoint, args.data_dir, args.out, split=args.split, steps=args.steps, method=args.method, seed=args.seed,
-            max_clips=args.max_clips, batch_size=args.batch_size, radius_scale=args.radius_scale, min_frames=args.min_frames,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"sabr-eval: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,12 +44,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from sabr_jax import camera, skeleton
+from sabr_jax.cli import UserError
 from sabr_jax.motion import MOTION_DIM, NormStats
 
 RADIUS_SCALE = 2.0
@@ -66,7 +67,9 @@ def movement_mse(pred: np.ndarray, truth: np.ndarray, stats: NormStats | None = 
     """
     pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
     if pred.shape != truth.shape or pred.ndim != 2 or pred.shape[1] != MOTION_DIM or not len(pred):
-        raise ValueError(f"movement_mse: expected two motions [T, {MOTION_DIM}] of the same T > 0, got {pred.shape} and {truth.shape}")
+        raise ValueError(
+            f"movement_mse: expected two motions [T, {MOTION_DIM}] of the same T > 0, got {pred.shape} and {truth.shape}"
+        )
     if stats is not None:
         pred, truth = stats.normalize(pred), stats.normalize(truth)
     return float(np.mean(np.square(pred - truth)))
@@ -84,44 +87,58 @@ class Holds:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "holds.json") -> Holds:
-        """Parse and check a holds.json dict; `where` names it in error messages."""
+        """Parse and check a holds.json dict; UserError, naming `where` and the field, if it is invalid."""
         if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
         size = data.get("image_size")
-        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size)):
-            raise ValueError(f"{where}: field 'image_size' must be [H, W] in pixels (the size of the image the holds' pixels refer to), got {size!r}")
+        if not (
+            isinstance(size, (list, tuple))
+            and len(size) == 2
+            and all(isinstance(v, (int, float)) and v > 0 for v in size)
+        ):
+            raise UserError(
+                f"{where}: field 'image_size' must be [H, W] in pixels (the size of the image the holds' pixels refer to), got {size!r}"
+            )
         route = _rows(data.get("route"), 3, where, "route", "[[x, y, r], ...]")
         distractors = _rows(data.get("distractors", []), 3, where, "distractors", "[[x, y, r], ...]")
-        view = None if data.get("view") is None else _rows(data["view"], 3, where, "view", "[[s, dx, dy], ...] per 24-FPS frame")
+        view = (
+            None
+            if data.get("view") is None
+            else _rows(data["view"], 3, where, "view", "[[s, dx, dy], ...] per 24-FPS frame")
+        )
         for name, holds in (("route", route), ("distractors", distractors)):
             if (holds[:, 2] <= 0).any():
-                raise ValueError(f"{where}: field '{name}': every radius r must be > 0")
+                raise UserError(f"{where}: field '{name}': every radius r must be > 0")
         if view is not None and (view[:, 0] <= 0).any():
-            raise ValueError(f"{where}: field 'view': every scale s must be > 0")
+            raise UserError(f"{where}: field 'view': every scale s must be > 0")
         return cls((int(size[0]), int(size[1])), route, distractors, view, where)
 
     def in_frames(self, holds: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """holds [K, 3] seen in 24-FPS frames [T] -> (centres [T, K, 2], radii [T, K]) in pixels."""
         frames = np.asarray(frames)
         if self.view is None:
-            return np.broadcast_to(holds[None, :, :2], (len(frames), len(holds), 2)), np.broadcast_to(holds[None, :, 2], (len(frames), len(holds)))
+            return np.broadcast_to(holds[None, :, :2], (len(frames), len(holds), 2)), np.broadcast_to(
+                holds[None, :, 2], (len(frames), len(holds))
+            )
         if len(frames) and (frames.min() < 0 or frames.max() >= len(self.view)):
-            raise ValueError(f"{self.where}: field 'view' lists {len(self.view)} frames, but frames {frames.min()}..{frames.max()} are evaluated")
+            raise UserError(
+                f"{self.where}: field 'view' lists {len(self.view)} frames, but frames {frames.min()}..{frames.max()} are evaluated"
+            )
         s, shift = self.view[frames, :1], self.view[frames, 1:]  # [T, 1], [T, 2]
         return s[:, None] * holds[None, :, :2] + shift[:, None], s * holds[None, :, 2]
 
 
 def _rows(value, width: int, where: str, field: str, expected: str) -> np.ndarray:
     if value is None:
-        raise ValueError(f"{where}: missing field '{field}' (expected {expected})")
+        raise UserError(f"{where}: missing field '{field}' (expected {expected})")
     try:
         rows = np.asarray(value, np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: field '{field}' must be {expected}, got {value!r:.80}") from None
+        raise UserError(f"{where}: field '{field}' must be {expected}, got {value!r:.80}") from None
     if rows.size == 0:
         rows = np.zeros((0, width))
     if rows.ndim != 2 or rows.shape[1] != width or not np.isfinite(rows).all():
-        raise ValueError(f"{where}: field '{field}' must be {expected} of finite numbers, got shape {rows.shape}")
+        raise UserError(f"{where}: field '{field}' must be {expected} of finite numbers, got shape {rows.shape}")
     return rows
 
 
@@ -138,8 +155,14 @@ def default_joint_pixels(vectors: np.ndarray, image_hw: tuple[int, int]) -> np.n
     return np.asarray(_jitted_joint_pixels(padded, tuple(int(v) for v in image_hw)))[: len(vectors)]
 
 
-def touched(effectors: np.ndarray, centres: np.ndarray, radii: np.ndarray, *, radius_scale: float = RADIUS_SCALE,
-            min_frames: int = MIN_FRAMES) -> np.ndarray:
+def touched(
+    effectors: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    *,
+    radius_scale: float = RADIUS_SCALE,
+    min_frames: int = MIN_FRAMES,
+) -> np.ndarray:
     """Which holds are touched: bool [K].
 
     effectors [T, E, 2] end-effector pixels; centres [T, K, 2] and radii [T, K] the holds

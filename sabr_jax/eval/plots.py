@@ -32,12 +32,16 @@ def plot_adherence(metrics: dict, path) -> None:
     x = np.arange(len(clip_ids))
     any_value = False
     for k, (row, summary) in enumerate(rows.items()):
-        values = np.array([np.nan if v["route_adherence"] is None else v["route_adherence"] for v in summary["per_video"]])
+        values = np.array(
+            [np.nan if v["route_adherence"] is None else v["route_adherence"] for v in summary["per_video"]]
+        )
         any_value |= bool(np.isfinite(values).any())
         mean = summary.get("route_adherence")
         label = row if mean is None else f"{row} (mean {mean:.2f})"
         ax.bar(x + (k - (len(rows) - 1) / 2) * width, values, width, label=label)
-    ax.set_xticks(x, clip_ids, rotation=45 if len(clip_ids) > 6 else 0, ha="right" if len(clip_ids) > 6 else "center", fontsize=8)
+    ax.set_xticks(
+        x, clip_ids, rotation=45 if len(clip_ids) > 6 else 0, ha="right" if len(clip_ids) > 6 else "center", fontsize=8
+    )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("route holds touched (fraction)")
     ax.set_xlabel("held-out video")
@@ -45,7 +49,14 @@ def plot_adherence(metrics: dict, path) -> None:
     if any_value:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
-        ax.text(0.5, 0.5, "no holds annotations: route adherence not computed", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no holds annotations: route adherence not computed",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     _save(fig, path)
 
 
