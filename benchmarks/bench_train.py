@@ -21,9 +21,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sabr_jax import sharding  # noqa: E402
-from sabr_jax.data import pipeline  # noqa: E402
 from sabr_jax.data.sources import open_source  # noqa: E402
 from sabr_jax.dry_run import jaxpr_flops  # noqa: E402
+from sabr_jax.loop import process_batches  # noqa: E402
 from sabr_jax.trainer import Trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,16 +38,7 @@ def main(argv) -> None:
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     source, stats = open_source(cfg)
-    it = iter(
-        pipeline.dataset(
-            source,
-            stats=stats,
-            max_frames=cfg.data.max_frames,
-            context_frames=cfg.data.context_frames,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
-    )
+    it = process_batches(cfg, source, stats, mesh, cfg.seed)
     batches = [jax.device_put(next(it), trainer.batch_sharding) for _ in range(min(_STEPS.value + 2, 8))]
     state = trainer.init_state(cfg.seed)
     t0 = time.perf_counter()

@@ -33,20 +33,11 @@ def tiny_config(**mesh):
 
 
 def batches(cfg, n):
-    from sabr_jax.data import pipeline
     from sabr_jax.data.sources import open_source
+    from sabr_jax.loop import process_batches
 
     source, stats = open_source(cfg)
-    it = iter(
-        pipeline.dataset(
-            source,
-            stats=stats,
-            max_frames=cfg.data.max_frames,
-            context_frames=cfg.data.context_frames,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
-    )
+    it = process_batches(cfg, source, stats, sharding.make_mesh(cfg.mesh, jax.devices()[:1]), cfg.seed)
     return [next(it) for _ in range(n)]
 
 
