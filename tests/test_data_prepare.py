@@ -502,7 +502,7 @@ def test_encoder_data_parallel_over_local_devices(tmp_path):
     child = textwrap.dedent(
         """
         import jax, numpy as np
-        from sabr_jax.data import prepare as P
+        from sabr_jax.data.frame_encoder import FrameEncoder, make_encoder
         from sabr_jax.data.prepare_settings import Settings
         s = Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=3)
         enc = FrameEncoder(make_encoder(s), s)
