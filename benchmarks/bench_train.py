@@ -22,7 +22,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from sabr_jax import sharding  # noqa: E402
 from sabr_jax.data.sources import open_source  # noqa: E402
-from sabr_jax.dry_run import jaxpr_flops  # noqa: E402
+from sabr_jax.flops import compile_abstract, jaxpr_flops  # noqa: E402
 from sabr_jax.loop import process_batches  # noqa: E402
 from sabr_jax.trainer import Trainer  # noqa: E402
 
@@ -42,9 +42,7 @@ def main(argv) -> None:
     batches = [jax.device_put(next(it), trainer.batch_sharding) for _ in range(min(_STEPS.value + 2, 8))]
     state = trainer.init_state(cfg.seed)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        traced = trainer.jit_train_step.trace(state, batches[0])
-        step = traced.lower().compile()
+    traced, _, step = compile_abstract(trainer.jit_train_step, state, batches[0], mesh=mesh)
     compile_s = time.perf_counter() - t0
     flops = jaxpr_flops(traced.jaxpr)
     times = []

@@ -1,4 +1,8 @@
-"""The embedded default (what sabr-demo runs): a tiny model on synthetic clips, trains on 2 CPU cores in minutes."""
+"""A tiny model on the in-memory synthetic source (sabr_jax.data.synthetic): tests, benchmarks, dry runs.
+
+sabr-demo's embedded default is the SynthClimb demo (`sabr_jax/config.py:synthclimb_demo`, a model of the
+same size trained on prepared SynthClimb walls); configs/synthclimb.py is its longer run.
+"""
 
 from sabr_jax.config import demo_config
 

@@ -94,7 +94,33 @@ def check_same_model(saved: dict, cfg: ml_collections.ConfigDict, where: str) ->
 
 
 def meta(cfg: ml_collections.ConfigDict, stats: NormStats) -> dict:
-    return {"config": json.loads(cfg.to_json()), "norm_stats": stats.to_dict()}
+    """What every checkpoint and export carries besides arrays: the config, the normalisation
+    statistics and, when the run trains on a prepared dataset, the sabr-prepare settings that
+    made its tokens (key "encoder", see `dataset_settings`): how sabr-sample encodes a new video."""
+    out = {"config": json.loads(cfg.to_json()), "norm_stats": stats.to_dict()}
+    settings = dataset_settings(cfg)
+    if settings is not None:
+        out["encoder"] = settings
+    return out
+
+
+def dataset_settings(cfg: ml_collections.ConfigDict) -> dict | None:
+    """The sabr-prepare settings (report.json's "settings": encoder, seed, precision, pool, fps,
+    frame_size, encoder_size, context_frames, ...) of the dataset cfg.data.dir names, or None
+    when the data is not a prepared dataset or its report cannot be read. data.dir may name the
+    --data_dir of sabr-prepare or a folder below it (sabr_clips, sabr_clips/1.0.0)."""
+    if cfg.data.get("source") != "tfds" or not cfg.data.get("dir"):
+        return None
+    folder = os.path.abspath(cfg.data.dir)
+    for candidate in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        try:
+            with open(os.path.join(candidate, "report.json")) as f:
+                settings = json.load(f).get("settings")
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict):
+            return settings
+    return None
 
 
 def read_meta(meta_dict: dict) -> tuple[ml_collections.ConfigDict, NormStats]:

@@ -11,6 +11,7 @@ import os
 import ml_collections
 
 from sabr_jax.cli import UserError
+from sabr_jax.diffusion import LOSS_WEIGHTINGS
 
 # data.num_patches and model.video_dim follow from how the data was prepared (encoder, --pool).
 # UNSET (0) leaves them to the data: with data.source='tfds' they are read from the prepared
@@ -34,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum = 1  # micro-batches per step (the global batch is split into them)
     c.ema_decay = 0.9999
     c.cond_drop_prob = 0.0  # > 0 trains the unconditional branch for classifier-free guidance
+    # 'frame': the loss is the mean over every counted frame of the global batch (the paper's per-frame MSE: a clip
+    # weighs in proportion to its frames); 'clip': each clip's mean over its frames, then the mean over clips
+    c.loss_weighting = "frame"
     c.placement_weight = 1.0  # weight of the bbox and camera features (7 of 161) in the x0 loss; the rest weigh 1
     c.on_nonfinite = "stop"  # a step with a non-finite loss or gradient: 'stop' or 'skip' it
     c.max_consecutive_skips = 10  # on_nonfinite='skip': stop after this many non-finite steps in a row
@@ -53,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
             patch_grid=(),  # (rows, cols) of the video tokens (DINOv2's 20x35; (10, 18) with --pool 2): a fixed 2D
             # sin-cos position is added to them, so that the model knows where a token is; () adds none (the authors' model)
             video_norm=False,  # standardise each channel of a frame's video tokens over its patches (what differs between them)
+            cross_norm_affine=False,  # a learned scale and bias in the norm before the cross-attention (the authors': none)
             dtype="bfloat16",  # compute dtype; parameters and optimiser state stay float32
             remat="full",  # per-block rematerialisation: 'none', 'full' or 'dots'
             attention="auto",  # attention kernel: 'auto' (per platform), 'xla', 'cudnn', 'splash'
@@ -65,7 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
             method="ddpm",  # 'ddpm' (learned variance) or 'ddim'
             eta=0.0,  # DDIM noise
             guidance_scale=1.0,  # classifier-free guidance; 1 = none (needs cond_drop_prob > 0 in training)
-            cache_kv=True,  # compute the video keys/values once per video (more memory, much faster)
+            # video keys/values computed once per video for the first K blocks, the others at every step:
+            # 'all', 'none', an even block count K as a string (--config.sample.kv_cache=14), or 'auto': the
+            # most that fit this device's memory (sabr_jax.sampling.plan_kv_cache; sabr-sample --dry_run shows it)
+            kv_cache="auto",
         )
     )
     c.optim = ml_collections.ConfigDict(
@@ -156,6 +164,7 @@ def synthclimb_config(demo: bool = True) -> ml_collections.ConfigDict:
         cross_route=True,
         route_adaln=True,
         video_norm=True,
+        cross_norm_affine=True,  # README, "SynthClimb": without it the demo's model does not read the video in 2000 steps
     )
     c.optim.update(lr=1e-3, warmup_steps=100, clip_norm=1.0)
     c.sample.update(steps=50)
@@ -186,6 +195,7 @@ def get_config(name: str = "synthclimb_demo") -> ml_collections.ConfigDict:
 # What validate() checks: keys with a fixed set of values, integer keys >= 1 and >= 0.
 CHOICES = {
     "on_nonfinite": ("stop", "skip"),
+    "loss_weighting": LOSS_WEIGHTINGS,
     "model.layout": ("slots", "frame"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),

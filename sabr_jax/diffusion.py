@@ -3,7 +3,8 @@
 Shapes: `x0`, `x_t` are [B, L, F] (F = 161 motion features); `t` is [B] int32 step
 indices into this (possibly respaced) schedule; `model_out` is [B, L, 2F] = predicted
 x0 and the variance interpolation value v in [-1, 1]. Masks are [B, L] bool, True where a
-frame counts (valid and not context).
+frame counts (valid and not context); the loss takes them as per-frame weights [B, L]
+(`frame_weights`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+LOSS_WEIGHTINGS = ("frame", "clip")  # how `frame_weights` weighs a batch's frames (config: loss_weighting)
 
 
 def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> np.ndarray:
@@ -114,8 +117,13 @@ class GaussianDiffusion:
         )
 
     # -------------------------------------------------------------- training loss
-    def loss(self, model_out, x0, x_t, t, mask, feature_weights=None):
-        """ADM hybrid loss: masked MSE on x0 plus L_vlb for the variance.
+    def loss(self, model_out, x0, x_t, t, weights, feature_weights=None):
+        """ADM hybrid loss: weighted MSE on x0 plus L_vlb for the variance.
+
+        weights [B, L] float: each frame's weight in the batch's loss (`frame_weights`: they
+        sum to 1 over the batch, 0 on frames that do not count). The loss is the weighted sum
+        over frames of per-frame terms, so the sum of the losses of micro-batches split from
+        one batch (with their rows of its weights) is that batch's loss, exactly.
 
         feature_weights [F] (optional) weighs the features in the x0 term of the loss, as
         sum(w * err^2) / sum(w); the returned "mse" term is always the plain mean.
@@ -123,10 +131,10 @@ class GaussianDiffusion:
         The L_vlb term sees the predicted mean through a stop-gradient, so it trains only
         the variance. At step 0 it is the Gaussian negative log-likelihood of x0 under
         p(x_0 | x_1) (the motion is continuous: no discretised decoder). Both terms are in
-        per-feature means; L_vlb in bits. Each example is averaged over its own counted
-        frames, then examples are averaged (examples with no counted frame weigh 0).
-        Returns (loss scalar, dict of scalar terms).
+        per-feature means; L_vlb in bits. Returns (loss scalar, dict of scalar terms).
         """
+        if weights.dtype == jnp.bool_:
+            raise TypeError("GaussianDiffusion.loss takes per-frame weights (frame_weights(mask)), not a mask")
         x0_pred, log_var = self.split_output(model_out, x_t, t)
         mse = jnp.mean(jnp.square(x0_pred - x0), axis=-1)  # [B, L]
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
@@ -135,11 +143,11 @@ class GaussianDiffusion:
         nll = -gaussian_log_likelihood(x0, pred_mean, log_var)
         first = (t == 0).reshape(-1, *([1] * (x0.ndim - 1)))
         vlb = jnp.mean(jnp.where(first, nll, kl), axis=-1) / math.log(2.0)  # [B, L]
-        terms = {"mse": masked_mean(mse, mask), "vlb": masked_mean(vlb, mask)}
+        terms = {"mse": jnp.sum(mse * weights), "vlb": jnp.sum(vlb * weights)}
         fit = terms["mse"]
         if feature_weights is not None:
             w = jnp.asarray(feature_weights, jnp.float32)
-            fit = masked_mean(jnp.sum(w * jnp.square(x0_pred - x0), axis=-1) / jnp.sum(w), mask)
+            fit = jnp.sum(jnp.sum(w * jnp.square(x0_pred - x0), axis=-1) / jnp.sum(w) * weights)
         return fit + terms["vlb"], terms
 
 
@@ -159,10 +167,22 @@ def gaussian_log_likelihood(x, mean, log_var):
     return -0.5 * (math.log(2.0 * math.pi) + log_var + jnp.square(x - mean) * jnp.exp(-log_var))
 
 
-def masked_mean(values, mask):
-    """values [B, L], mask [B, L] bool -> mean over each example's masked frames, then over examples."""
-    mask = mask.astype(values.dtype)
-    count = mask.sum(-1)
-    per_example = (values * mask).sum(-1) / jnp.maximum(count, 1.0)
-    has_frames = (count > 0).astype(values.dtype)
-    return (per_example * has_frames).sum() / jnp.maximum(has_frames.sum(), 1.0)
+def frame_weights(mask, weighting: str = "frame"):
+    """Each frame's weight in a batch's loss: mask [B, L] bool (True where a frame counts) ->
+    [B, L] float32, summing to 1 over the batch (all 0 when no frame counts).
+
+    'frame' (the default): every counted frame of the batch weighs the same, so the loss is
+    the mean over all of them, as the paper's per-frame MSE (and ADM's fixed-length batches)
+    have it: a clip weighs in proportion to its counted frames. 'clip': every example with a
+    counted frame weighs the same, shared equally by its frames (a clip with none weighs 0).
+
+    The sums run over the whole of `mask`: given the global batch inside jit (sharded over
+    devices and hosts), they are global, and micro-batches split from it keep their share.
+    """
+    mask = mask.astype(jnp.float32)
+    if weighting == "frame":
+        return mask / jnp.maximum(mask.sum(), 1.0)
+    if weighting == "clip":
+        count = mask.sum(-1, keepdims=True)
+        return mask / jnp.maximum(count, 1.0) / jnp.maximum((count > 0).sum(), 1.0)
+    raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")

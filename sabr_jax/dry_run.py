@@ -6,11 +6,8 @@ runs, in total and in the block scan's loop bodies. With a TPU topology name (e.
 step is compiled ahead of time for that pod slice on any machine (needs libtpu: the
 `tpu` extra), so a team learns before launch whether a config fits.
 
-FLOPs: XLA's cost analysis counts the body of a loop once, whatever its trip count, and
-the model scans over its blocks (and the step over grad_accum micro-batches), so it
-under-reports by about depth/2. `jaxpr_flops` counts matrix-multiply FLOPs on the traced
-step instead, multiplying loop bodies by their lengths: forward, backward and
-rematerialised recomputation, i.e. what the hardware executes. MFU uses these.
+FLOPs are `sabr_jax.flops.jaxpr_flops` of the traced step (matrix multiplies, loop bodies
+times their trip counts; XLA's own count, also printed, sees each loop body once).
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from jax.experimental import topologies
 
 from sabr_jax import sharding
 from sabr_jax.cli import UserError, one_line
+from sabr_jax.flops import compile_abstract, compiled_bytes, jaxpr_flops
 from sabr_jax.motion import MOTION_DIM
 from sabr_jax.trainer import Trainer
 
@@ -70,55 +68,7 @@ def topology_devices(name: str):
         ) from e
 
 
-# ---------------------------------------------------------------------- FLOPs
-def _sub_jaxprs(params):
-    for value in params.values():
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(v, jax.extend.core.ClosedJaxpr):
-                yield v.jaxpr
-            elif isinstance(v, jax.extend.core.Jaxpr):
-                yield v
-
-
-def jaxpr_flops(jaxpr) -> float:
-    """Matrix-multiply FLOPs (2 per multiply-add) of a (closed) jaxpr, whole program.
-
-    Loops count their length times (scan; a while loop, whose length is unknown, once),
-    a cond its most expensive branch, a shard_map body once per shard, a Pallas kernel
-    once per grid point.
-    """
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name, params = eqn.primitive.name, eqn.params
-        if name == "dot_general":
-            (contract, _), _ = params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-            continue
-        if name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape  # (out features, in features / groups, *window), permuted
-            out_dim = params["dimension_numbers"].rhs_spec[0]
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[out_dim]
-            continue
-        subs = [jaxpr_flops(j) for j in _sub_jaxprs(params)]
-        if not subs:
-            continue
-        if name == "cond":
-            total += max(subs)
-        elif name == "scan":
-            total += params["length"] * sum(subs)
-        elif name == "shard_map":
-            mesh, axes = params["mesh"], params.get("manual_axes") or params.get("axis_names") or ()
-            total += math.prod(mesh.shape[a] for a in axes) * sum(subs)
-        elif name == "pallas_call":
-            grid = getattr(params.get("grid_mapping"), "grid", ()) or ()
-            total += math.prod(int(g) for g in grid) * sum(subs)
-        else:  # jit, remat, custom_jvp/vjp, while (body once), ...
-            total += sum(subs)
-    return total
-
-
+# ---------------------------------------------------------------------- collectives
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")  # an async op counts once, at -start
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{$")
@@ -171,10 +121,8 @@ def compile_step(cfg, devices=None):
     """-> (trainer, compiled train step, FLOPs per step, lowered text) for cfg on `devices`."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     trainer = Trainer(cfg, mesh)
-    with jax.set_mesh(mesh):  # attention picks its kernel for the mesh's platform
-        traced = trainer.jit_train_step.trace(trainer.abstract_state(), abstract_batch(cfg, trainer.batch_sharding))
-        lowered = traced.lower()
-        compiled = lowered.compile()
+    batch = abstract_batch(cfg, trainer.batch_sharding)
+    traced, lowered, compiled = compile_abstract(trainer.jit_train_step, trainer.abstract_state(), batch, mesh=mesh)
     return trainer, compiled, jaxpr_flops(traced.jaxpr), lowered.as_text()
 
 
@@ -198,9 +146,7 @@ def report(cfg, topology: str | None = None) -> dict:
         return {"fits": False, "error": str(e)}
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state()["params"]))
     mem = compiled.memory_analysis()
-    per_device = (
-        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    )
+    per_device = compiled_bytes(compiled)
     n = trainer.mesh.size
     device = trainer.mesh.devices.flat[0]
     hbm = hbm_gib(device) if device.platform == "tpu" else None

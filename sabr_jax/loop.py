@@ -21,6 +21,8 @@ host, after `jax.distributed.initialize`):
   model stops the run before restoring, an unreadable newest checkpoint is set aside and
   the one before it restored, and a save that fails (a full disk) stops training at the
   next step, naming the last good checkpoint (sabr_jax.checkpoint).
+* `train(..., profile_steps=(start, stop))` writes a `jax.profiler` trace of those steps
+  to WORKDIR/profile for TensorBoard's profile tab (`ProfileWindow`; process 0 only).
 * With eval_every > 0, every eval_every steps and at the last one, the EMA parameters'
   validation figures (`Trainer.eval_step` on fixed held-out batches and noise, so that
   they compare across steps) join that step's metrics record, with a console line.
@@ -40,7 +42,7 @@ from tqdm import tqdm
 from sabr_jax import checkpoint, sharding
 from sabr_jax.data import pipeline
 from sabr_jax.data.sources import open_source
-from sabr_jax.dry_run import jaxpr_flops
+from sabr_jax.flops import compile_abstract, jaxpr_flops
 from sabr_jax.metrics_log import MetricsLog
 from sabr_jax.trainer import Trainer
 from sabr_jax.workdir_lock import WorkdirLock
@@ -154,8 +156,9 @@ def validation(cfg, trainer: Trainer, stats, state: dict, say):
     val_iter = process_batches(cfg, source, stats, trainer.mesh, VALIDATION_SEED)
     batches = [next(val_iter) for _ in range(cfg.eval_batches)]
     keys = [np.asarray(jax.random.fold_in(jax.random.PRNGKey(VALIDATION_SEED), i)) for i in range(len(batches))]
-    with jax.set_mesh(trainer.mesh):
-        eval_fn = trainer.jit_eval_step.lower(state["ema"], global_batch(batches[0], trainer), keys[0]).compile()
+    *_, eval_fn = compile_abstract(
+        trainer.jit_eval_step, state["ema"], global_batch(batches[0], trainer), keys[0], mesh=trainer.mesh
+    )
 
     def evaluate(params) -> dict[str, float]:
         figures = jax.device_get([eval_fn(params, global_batch(b, trainer), k) for b, k in zip(batches, keys)])
@@ -164,9 +167,12 @@ def validation(cfg, trainer: Trainer, stats, state: dict, say):
     return evaluate
 
 
-def train(cfg, workdir: str) -> dict:
+def train(cfg, workdir: str, profile_steps: tuple[int, int] | None = None) -> dict:
     """Train until cfg.total_steps (or preemption, or non-finite steps: one with
     on_nonfinite='stop', cfg.max_consecutive_skips in a row with 'skip').
+
+    profile_steps (start, stop): trace steps start .. stop - 1 (1-based) into WORKDIR/profile
+    (`ProfileWindow`).
 
     Returns {"state": final state, "meta": checkpoint meta, "status": "done" | "preempted"
     | "nonfinite", "step": int, "message": the closing line}. Raises UserError subclasses
@@ -177,7 +183,7 @@ def train(cfg, workdir: str) -> dict:
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
     with WorkdirLock(workdir, say):
-        return _train_locked(cfg, workdir, say)
+        return _train_locked(cfg, workdir, say, profile_steps)
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -224,7 +230,42 @@ class NonfiniteGuard:
         )
 
 
-def _train_locked(cfg, workdir: str, say) -> dict:
+def save_checkpoint(saver: checkpoint.Saver, cfg, meta: dict, state: dict, step: int, next_batch: int) -> None:
+    """Save `state` after `step` steps; next_batch: the global batches read so far (each step reads one)."""
+    saver.save(step, state, checkpoint.data_position(next_batch, cfg), meta)
+
+
+class ProfileWindow:
+    """A `jax.profiler` trace (TensorBoard / XProf: WORKDIR/profile/plugins/profile/<run>/*.xplane.pb)
+    of the steps numbered start .. stop - 1 (1-based, as the log numbers them), on process 0 only.
+
+    `before(step)` ahead of each step (step: steps taken so far) starts it, `after(step, metrics)`
+    stops it once step stop - 1 has run on the device, `stop()` (in a `finally`) ends one that
+    training left early. A resumed run traces the part of the window it still reaches.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, logdir: str):
+        self.start, self.stop_at = steps or (0, 0)
+        self.logdir, self.active = logdir, False
+        self.enabled = steps is not None and jax.process_index() == 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and not self.active and self.start <= step + 1 < self.stop_at:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, metrics: dict) -> None:
+        if self.active and step + 1 >= self.stop_at:
+            jax.block_until_ready(metrics)  # the trace holds the last step's device work too
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = self.enabled = False
+            jax.profiler.stop_trace()
+
+
+def _train_locked(cfg, workdir: str, say, profile_steps: tuple[int, int] | None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     source, stats = open_source(cfg, "train")
@@ -252,9 +293,8 @@ def _train_locked(cfg, workdir: str, say) -> dict:
     batch, step_fn, flops, evaluate = None, None, 0.0, None
     if step < cfg.total_steps:
         batch = global_batch(next(data_iter), trainer)
-        with jax.set_mesh(mesh):  # attention picks its kernel (and splash its partitioning) from the mesh
-            traced = trainer.jit_train_step.trace(state, batch)
-            step_fn = traced.lower().compile()
+        # under the mesh: attention picks its kernel (and splash its partitioning) from it
+        traced, _, step_fn = compile_abstract(trainer.jit_train_step, state, batch, mesh=mesh)
         flops = jaxpr_flops(traced.jaxpr)  # whole step, all devices
         say(
             f"train step: {flops:.4g} FLOPs (matmuls, forward + backward + remat) per global batch of {cfg.batch_size}"
@@ -262,18 +302,17 @@ def _train_locked(cfg, workdir: str, say) -> dict:
         )
         evaluate = validation(cfg, trainer, stats, state, say)
 
-    def save():  # each step reads one global batch: the data position follows from the step
-        saver.save(step, state, checkpoint.data_position(first_batch + step - first_step, cfg), meta)
-
     saver = checkpoint.Saver(mngr, step if restored else None)
     guard = NonfiniteGuard(cfg, trainer.param_names, say)
     log = MetricsLog(workdir, step)
     preemption = Preemption()
+    profile = ProfileWindow(profile_steps, os.path.join(workdir, "profile"))
     progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train", unit="step")
     pending, last_saved, status, failed = [], step, "done", True
     t_log = time.perf_counter()
     try:
         while step < cfg.total_steps:
+            profile.before(step)  # (the trace holds reading the step's batch too)
             batch = batch if batch is not None else global_batch(next(data_iter), trainer)
             state, metrics = step_fn(state, batch)
             batch, step = None, step + 1
@@ -297,8 +336,9 @@ def _train_locked(cfg, workdir: str, say) -> dict:
                     say(validation_line(step, record, cfg.diffusion.num_steps))
                 log.write(step, record)
                 t_log, pending = time.perf_counter(), []  # (evaluation time is not training throughput)
+            profile.after(step, metrics)
             if save_now:
-                save()
+                save_checkpoint(saver, cfg, meta, state, step, first_batch + step - first_step)
                 last_saved = step
             if preemption.requested(step, force=log_now or save_now):
                 status = "preempted"
@@ -306,10 +346,11 @@ def _train_locked(cfg, workdir: str, say) -> dict:
         if status != "nonfinite" and not guard.check(everything=True):
             status = "nonfinite"
         if status != "nonfinite" and last_saved != step:
-            save()
+            save_checkpoint(saver, cfg, meta, state, step, first_batch + step - first_step)
         saver.wait()
         failed = False
     finally:
+        profile.stop()
         progress.close()
         preemption.restore()
         log.close()

@@ -15,10 +15,37 @@ time. Even blocks cross-attend frame-aligned ("spatial"); odd blocks broadcast e
 token to every patch position, attend over time at that position and average the P
 results ("temporal").
 
-Every block: adaLN-Zero self-attention, ungated pre-norm cross-attention, adaLN-Zero MLP,
-modulated by the diffusion timestep. Context frames are a prompt: their motion tokens are
-a learned embedding, never the (noised) input. Padded frames are masked out of every
-attention and their outputs are zero.
+Every block: adaLN-Zero self-attention, ungated cross-attention, adaLN-Zero MLP, each
+after a LayerNorm without parameters (eps 1e-6), modulated by the diffusion timestep
+(adaLN order: shift, scale, gate of the attention, then of the MLP). Context frames are a
+prompt: their motion tokens are a learned embedding, never the (noised) input. Padded
+frames are masked out of every attention and their outputs are zero.
+
+With `layout="frame"` and the options below off, the block, the final layer (LayerNorm
+without parameters, adaLN shift/scale, zero-initialised linear), the timestep embedding
+(256 frequencies, cos then sin, SiLU MLP, normal(0.02) init), the 1D sin-cos time embedding
+(sin then cos) added to the motion and the video tokens, and the initialisation (xavier-
+uniform kernels, zero biases, zero adaLN) are the authors' (agent-mitra/virtual-avatar-
+generation, model/architecture/diffusion_transformer.py). What differs, and why:
+- Masks. Padded frames are masked out of the self-attention and of the temporal cross-
+  attention's keys, and the output is zero there; the authors attend to every position
+  (their padding is the DINOv2 tokens of a black frame, and its motion is in their loss).
+- The prompt. At context positions the motion token is the learned `prompt_embed`; the
+  authors feed their motion sequence from frame 0 there, under the route images' tokens.
+- `video_embedder`: a trainable [Dv, D] projection of the video tokens, before the time
+  embedding is added. The authors feed DINOv2-L's tokens (Dv = D = 1024) to the key/value
+  projections as they are; ours lets any encoder width meet any model width.
+- `slot_embed` (one learned [D] vector with S = 1): added to every motion token; the
+  authors have none (the x_embedder's bias can absorb it; it is kept so that both layouts
+  share one embedding path).
+- `null_video`: the learned token that condition dropout puts in place of the video
+  (classifier-free guidance); the authors have no condition dropout.
+- Layout of the weights, not the function: q/k/v and k/v are fused [D, n, H, Dh] kernels
+  (the authors' [n*D, D] Linear reshaped; the same xavier fan-in and fan-out), and the
+  block pairs are stacked and scanned (the authors loop over a list of blocks).
+- Attention runs through sabr_jax.attention (cuDNN, splash or XLA: the same softmax and
+  scale) where the authors call flash-attn; the time embedding is computed for the batch's
+  length instead of a fixed 1100-long table (the same values).
 
 Every parameter dimension has a logical axis name (`einsum`; sabr_jax.sharding.RULES maps
 them to mesh axes): FSDP over the width, tensor parallelism over whole heads (the fused
@@ -30,7 +57,10 @@ no way to tell where a token sits in the frame); `cross_route` lets every frame'
 frame-aligned cross-attention also read the route images' tokens (the first `route_frames`
 positions); `route_adaln` pools the route images' tokens into one vector (attention with a
 learned query) that joins the timestep embedding in every adaLN, as DiT conditions on a
-class label; `video_norm` standardises each channel of a frame's tokens over its patches.
+class label; `video_norm` standardises each channel of a frame's tokens over its patches;
+`cross_norm_affine` gives the LayerNorm before the cross-attention a learned scale and bias
+(measured on SynthClimb's demo, README: with it the model reads the video within 2000 CPU
+steps, without it, the authors' block, it does not yet).
 """
 
 from __future__ import annotations
@@ -70,20 +100,25 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
+    """The model's hyperparameters. The defaults are the base config's (sabr_jax.config.base_config,
+    as `sabr_jax.trainer.model_config` maps it): its model section, with video_dim the paper's
+    DINOv2-L width where it leaves it to the dataset, and route_frames its data.context_frames."""
+
     layout: Literal["slots", "frame"] = "slots"
     width: int = 384
     heads: int = 6
     depth: int = 12  # blocks; spatial and temporal alternate, so it must be even
     mlp_ratio: float = 4.0
-    video_dim: int = 384  # width of the video tokens (the DINOv2 width)
+    video_dim: int = 1024  # width of the video tokens (the DINOv2 width: L's, config.PAPER_SHAPES)
     cross_window: int = 0  # slots layout: frame t cross-attends to frames t-w..t+w
-    route_frames: int = 0  # the first N positions hold the route images (the context frames), for the two options below
+    route_frames: int = 16  # the first N positions hold the route images (the context frames), for the options below
     cross_route: bool = False  # every frame also cross-attends to the route images' tokens
     route_adaln: bool = False  # the route images, pooled to one vector, condition every adaLN with the timestep
     patch_grid: tuple[int, int] | None = None  # (rows, cols) of the video tokens: adds a fixed 2D sin-cos position
     video_norm: bool = False  # standardise each channel of a frame's video tokens over its patches
-    dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
+    cross_norm_affine: bool = False  # a learned scale and bias in the norm before the cross-attention
+    dtype: str = "bfloat16"  # compute dtype; parameters are always float32
+    remat: str = "full"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
     attention: str | None = None  # force an attention kernel ('xla', 'cudnn', 'splash'); None picks
 
     def __post_init__(self):
@@ -194,7 +229,7 @@ class Block(nnx.Module):
         self.norm1 = layer_norm(cfg, affine=False, rngs=rngs)
         self.qkv = to_heads(cfg, 3, rngs)
         self.attn_out = from_heads(cfg, rngs)
-        self.norm2 = layer_norm(cfg, affine=True, rngs=rngs)
+        self.norm2 = layer_norm(cfg, affine=cfg.cross_norm_affine, rngs=rngs)
         self.cross_q = to_heads(cfg, None, rngs)
         self.cross_kv = to_heads(cfg, 2, rngs)
         self.cross_out = from_heads(cfg, rngs)
@@ -318,6 +353,14 @@ class FinalLayer(nnx.Module):
         return jnp.concatenate([motion.unpack(x0), motion.unpack(v)], axis=-1)
 
 
+def first_pairs(blocks, start: int, stop: int):
+    """The stacked block pairs [start, stop) of `blocks` (DiT.blocks) as a stack of their own."""
+    if (start, stop) == (0, jax.tree.leaves(nnx.state(blocks))[0].shape[0]):
+        return blocks
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
+
 class DiT(nnx.Module):
     """Video-conditioned motion diffusion transformer.
 
@@ -373,10 +416,14 @@ class DiT(nnx.Module):
             emb = emb + sincos_2d_embedding(rows, cols, self.cfg.width)[None, None].astype(emb.dtype)
         return emb
 
-    def video_kv(self, video_emb: jax.Array):
-        """The cross-attention keys/values of every block, stacked over block pairs (the sampler
-        computes them once per video and reuses them for every step)."""
-        return nnx.vmap(lambda pair, emb: pair.video_kv(emb), in_axes=(0, None), out_axes=0)(self.blocks, video_emb)
+    def video_kv(self, video_emb: jax.Array, pairs: int | None = None):
+        """The cross-attention keys/values of the first `pairs` block pairs (default: all), stacked
+        over pairs (the sampler computes them once per video and reuses them for every step)."""
+        blocks = self.blocks if pairs is None else first_pairs(self.blocks, 0, pairs)
+        # a scan, not a vmap: one pair's projection at a time is written into the stack
+        return nnx.scan(
+            lambda _, pair: (None, pair.video_kv(video_emb)), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0)
+        )(None, blocks)[1]
 
     # -------------------------------------------------------------- forward
     def embed_motion(self, x: jax.Array, context_mask: jax.Array) -> jax.Array:
@@ -401,10 +448,13 @@ class DiT(nnx.Module):
         context and padded positions); t [B] diffusion steps on the 1000-step scale; frame_mask
         [B, L] True on real (context or motion) frames; context_mask [B, L] True on context
         frames. Give video_emb [B, L, P, D] from `embed_video` or kv from `video_kv` (then, with
-        `route_adaln`, also route from `route_vector`). Returns [B, L, 322] float32, zero on
+        `route_adaln`, also route from `route_vector`), or both: kv of the first n < depth/2 pairs
+        (`video_kv(emb, n)`) and video_emb for the others. Returns [B, L, 322] float32, zero on
         padded frames."""
-        if (video_emb is None) == (kv is None):
-            raise ValueError("DiT: give exactly one of video_emb and kv")
+        pairs = self.cfg.depth // 2
+        cached = 0 if kv is None else jax.tree.leaves(kv)[0].shape[0]
+        if (video_emb is None) != (cached == pairs):
+            raise ValueError(f"DiT: give video_emb, or kv of all {pairs} block pairs, or kv of fewer and video_emb")
         c = self.t_embedder(t).astype(self.cfg.compute_dtype)
         if self.route_embedder is not None:
             if route is None:
@@ -416,14 +466,17 @@ class DiT(nnx.Module):
             c = c + route.astype(c.dtype)
         h = self.embed_motion(x, context_mask)
 
-        def step(h, pair, pair_kv):
-            if pair_kv is None:
-                pair_kv = pair.video_kv(video_emb)
+        def step(h, pair, i):
+            computed = lambda: pair.video_kv(video_emb)
+            from_cache = lambda: jax.tree.map(lambda a: a[jnp.minimum(i, cached - 1)], kv)
+            if cached in (0, pairs):
+                pair_kv = from_cache() if cached else computed()
+            else:  # the first `cached` pairs read the cache, the others compute their keys/values
+                pair_kv = jax.lax.cond(i < cached, from_cache, computed)
             return pair(h, c, pair_kv, frame_mask, context_mask)
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat])
-        scan = nnx.scan(step, in_axes=(nnx.Carry, 0, 0 if kv is not None else None), out_axes=nnx.Carry)
-        h = scan(h, self.blocks, kv)
+        h = nnx.scan(step, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(h, self.blocks, jnp.arange(pairs))
         out = self.final_layer(h, c)
         return jnp.where(frame_mask[:, :, None], out, 0.0)

@@ -4,6 +4,7 @@
     sabr-train --config configs/sabr_l.py --config.data.source=tfds --config.data.dir=DATA --workdir W
     sabr-train --config configs/sabr_l.py --dry_run [--topology v5p:4x4x4]
     sabr-train ... --coordinator_address HOST0:1234 --num_processes N --process_id I   (multi-host)
+    sabr-train ... --profile_steps 10:13   (a jax.profiler trace of steps 10-12 in WORKDIR/profile)
 
 A workdir that holds a checkpoint is resumed from it (any mesh, any device count, any
 number of processes). SIGTERM (preemption) saves a checkpoint and exits with status 0;
@@ -20,15 +21,29 @@ on stderr, `sabr-train: error: ...` (`--verbose` shows the traceback; see sabr_j
 from __future__ import annotations
 
 import os
+import re
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sabr_jax import checkpoint, cli
+from sabr_jax import checkpoint, cli, distributed
 from sabr_jax import config as config_lib
 from sabr_jax.loop import train
+
+
+class StepRange(flags.ArgumentParser):
+    """absl parser of a step range `START:STOP` (1-based steps, STOP excluded) -> (START, STOP)."""
+
+    def parse(self, argument) -> tuple[int, int]:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(argument))
+        if not match or not 1 <= int(match[1]) < int(match[2]):
+            raise ValueError(f"expected START:STOP with 1 <= START < STOP, e.g. 10:13, got {argument!r}")
+        return int(match[1]), int(match[2])
+
+    def flag_type(self) -> str:
+        return "START:STOP"
+
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py); override keys with --config.KEY=VALUE."
@@ -45,60 +60,14 @@ _TOPOLOGY = flags.DEFINE_string(
 _EXPORT = flags.DEFINE_string(
     "export", None, "After training, write the EMA parameters (for sampling) to this directory."
 )
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and SLURM."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    ["auto", "on", "off"],
-    "Call jax.distributed.initialize: 'auto' does when --coordinator_address is given, SLURM runs several tasks "
-    "or a multi-host TPU slice is detected (TPU_WORKER_HOSTNAMES); 'on' always (it then finds the other processes "
-    "itself on TPU pods, SLURM, Open MPI and Kubernetes); 'off' never.",
-)
-
-
-_LOCAL_DEVICES = flags.DEFINE_string(
-    "local_device_ids",
+_PROFILE = flags.DEFINE(
+    StepRange(),
+    "profile_steps",
     None,
-    "Devices this process drives, e.g. '0,1,2,3', or 'all' (SLURM_GPUS_ON_NODE of them). Under SLURM, JAX's "
-    "default is one device per process (the task's SLURM_LOCALID): use 'all' with one task per node.",
+    "START:STOP: write a jax.profiler trace of steps START .. STOP-1 (1-based, as logged) to WORKDIR/profile, "
+    "for TensorBoard's profile tab (process 0 only), e.g. 10:13.",
 )
-
-
-def _local_device_ids() -> list[int] | None:
-    value = _LOCAL_DEVICES.value
-    if value is None:
-        return None
-    if value == "all":
-        count = os.environ.get("SLURM_GPUS_ON_NODE")
-        if count is None:
-            raise app.UsageError("--local_device_ids=all needs SLURM_GPUS_ON_NODE; give the ids instead")
-        return list(range(int(count)))
-    try:
-        return [int(i) for i in value.split(",")]
-    except ValueError:
-        raise app.UsageError(f"--local_device_ids={value}: expected device ids such as 0,1,2,3, or 'all'") from None
-
-
-def _multihost_environment() -> bool:
-    slurm = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))) > 1
-    tpu_pod = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
-    return slurm or tpu_pod
-
-
-def initialize_distributed() -> None:
-    explicit = _COORDINATOR.value is not None
-    if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or _multihost_environment())):
-        return
-    if explicit:
-        jax.distributed.initialize(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, local_device_ids=_local_device_ids()
-        )
-    else:
-        jax.distributed.initialize(local_device_ids=_local_device_ids())
+flags.adopt_module_key_flags(distributed)
 
 
 def main(argv) -> None:
@@ -111,8 +80,8 @@ def main(argv) -> None:
 
         report(cfg, _TOPOLOGY.value)
         return
-    initialize_distributed()
-    result = train(cfg, _WORKDIR.value)
+    distributed.initialize()
+    result = train(cfg, _WORKDIR.value, _PROFILE.value)
     if _EXPORT.value and result["status"] == "done":
         checkpoint.export_ema(_EXPORT.value, result["state"]["ema"], result["meta"])
         print(f"EMA parameters exported to {os.path.abspath(_EXPORT.value)}")

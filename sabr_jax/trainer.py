@@ -26,7 +26,7 @@ from sabr_jax import config as config_lib
 from sabr_jax import motion, sharding
 from sabr_jax.cli import UserError
 from sabr_jax.data.sources import resolve_shapes
-from sabr_jax.diffusion import GaussianDiffusion, space_timesteps
+from sabr_jax.diffusion import GaussianDiffusion, frame_weights, space_timesteps
 from sabr_jax.model import DiT, DiTConfig
 
 # Timesteps of the validation figures (`Trainer.eval_step`), evenly spaced over [0, T).
@@ -170,11 +170,12 @@ class Trainer:
         """with_sharding_constraint to P(*spec) on this trainer's mesh, inside jit."""
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
 
-    def loss(self, params, batch, rand):
+    def loss(self, params, batch, rand, weights=None):
         """batch: motion [B, L, 161] (normalised), video [B, L, P, Dv], frame_mask, context_mask
         [B, L] bool, and optionally motion_mask [B, L] bool (sabr_jax.data.pipeline; absent:
         every motion frame is tracked); rand: the step's random inputs for these examples
-        (see `draw`).
+        (see `draw`); weights [B, L]: each frame's weight in the loss (`loss_weights`; None:
+        those of this batch).
 
         The loss counts the motion frames (frame_mask, not context_mask) whose motion_mask is
         True. Motion frames whose motion_mask is False (the tracker lost the climber) are
@@ -183,16 +184,22 @@ class Trainer:
         pipeline gives them (the interpolation of the tracked frames around them,
         `motion.fill_gaps`) as the noised input.
         """
+        weights = self.loss_weights(batch) if weights is None else weights
         x0, frame_mask, context_mask = batch["motion"], batch["frame_mask"], batch["context_mask"]
-        counted = frame_mask & ~context_mask
-        if "motion_mask" in batch:
-            counted = counted & batch["motion_mask"]
         t = rand["t"]
         x_t = self.diffusion.q_sample(x0, t, rand["noise"])
         drop = rand["drop"] if self.cfg.cond_drop_prob > 0 else None
         model = self.model(params)
         out = model(x_t, t, frame_mask, context_mask, video_emb=model.embed_video(batch["video"], drop))
-        return self.diffusion.loss(out, x0, x_t, t, counted, self.feature_weights)
+        return self.diffusion.loss(out, x0, x_t, t, weights, self.feature_weights)
+
+    def loss_weights(self, batch) -> jax.Array:
+        """[B, L] float32: each frame's weight in the loss of `batch` (`diffusion.frame_weights`
+        with cfg.loss_weighting over the counted frames, see `loss`); they sum to 1 over the batch."""
+        counted = batch["frame_mask"] & ~batch["context_mask"]
+        if "motion_mask" in batch:
+            counted = counted & batch["motion_mask"]
+        return frame_weights(counted, self.cfg.loss_weighting)
 
     @functools.cached_property
     def feature_weights(self) -> np.ndarray | None:
@@ -205,8 +212,9 @@ class Trainer:
         return weights
 
     def eval_step(self, params, batch: dict, key) -> dict:
-        """Validation figures of one batch: masked x0 MSE (normalised units; 1.0 = predicting
-        the mean) of `params` on the motion frames, with the training loss's masking.
+        """Validation figures of one batch: x0 MSE (normalised units; 1.0 = predicting the mean)
+        of `params` on the motion frames, with the training loss's masking and weighting
+        (cfg.loss_weighting: by default the mean over all counted frames of the global batch).
 
         The noise (from `key`, one draw for the whole global batch, like `draw`) and the
         timesteps (EVAL_TIMESTEPS evenly spaced over [0, T), both ends included) are fixed
@@ -239,9 +247,7 @@ class Trainer:
         Strided, not blocked: with the batch sharded over data x fsdp (each device holding
         a contiguous block of rows), every micro-batch then takes B/(A*n) rows from every
         device, so the split moves no data between devices; the constraint keeps XLA from
-        choosing another layout. The loss is a mean over examples, so the mean of the
-        micro-batch losses (and gradients) is the global batch's whenever every example
-        has a counted frame (always so for pipeline batches).
+        choosing another layout.
         """
         a = self.cfg.grad_accum
 
@@ -250,6 +256,27 @@ class Trainer:
             return self._constrain(x, None, sharding.BATCH)
 
         return jax.tree.map(split, tree)
+
+    def gradients(self, params, batch: dict, rand: dict):
+        """((loss, terms), gradients) of the global batch, summed over its grad_accum micro-batches.
+
+        The frames' loss weights are computed once on the global batch (`loss_weights`) and
+        split with it, so each micro-batch contributes its share (by default its counted
+        frames over the batch's): the sum is the one-big-batch loss and gradient, exactly
+        (up to float round-off), whatever the frames each micro-batch holds.
+        """
+        weights = self.loss_weights(batch)
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        if self.cfg.grad_accum == 1:
+            return grad_fn(params, batch, rand, weights)
+        micro = self.split_micro((batch, rand, weights))
+
+        def accumulate(total, inputs):
+            return jax.tree.map(jnp.add, total, grad_fn(params, *inputs)), None
+
+        shapes = jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.lax.scan(accumulate, zero, micro)[0]
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimiser step on the global batch (split into grad_accum micro-batches).
@@ -261,22 +288,7 @@ class Trainer:
         """
         key = jax.random.fold_in(state["key"], state["step"])
         rand = self.draw(jax.random.fold_in(key, 0), batch)  # (the draws of earlier versions, for accum=1)
-        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-        accum = self.cfg.grad_accum
-        if accum == 1:
-            (loss, terms), grads = grad_fn(state["params"], batch, rand)
-        else:
-
-            def accumulate(carry, inputs):
-                mb, mr = inputs
-                (loss, terms), grads = grad_fn(state["params"], mb, mr)
-                return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
-
-            zero = jax.tree.map(
-                jnp.zeros_like, (jnp.zeros(()), {"mse": jnp.zeros(()), "vlb": jnp.zeros(())}, state["params"])
-            )
-            (loss, terms, grads), _ = jax.lax.scan(accumulate, zero, (self.split_micro(batch), self.split_micro(rand)))
-            loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
+        (loss, terms), grads = self.gradients(state["params"], batch, rand)
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

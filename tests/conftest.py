@@ -3,3 +3,5 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from sample_clip import wall  # noqa: E402,F401  (the fixture, shared by the sampling tests)

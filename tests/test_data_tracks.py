@@ -177,3 +177,16 @@ def test_motion_vector_layout_matches_motion_module(phalp):
     v = vectors[present][0]
     rot = M.rot6d_to_matrix(v[M.ROTATIONS].reshape(24, 6))
     np.testing.assert_allclose(np.swapaxes(rot, -1, -2) @ rot, np.broadcast_to(np.eye(3), (24, 3, 3)), atol=1e-5)
+
+
+def test_tracker_size_turned_against_the_video_is_an_error(phalp):
+    """A tracker that saw the frames turned (size landscape, video upright portrait) is refused."""
+    results, present = phalp
+    name = next(n for n, p in zip(sorted(results, key=tr.natural_key), present) if p)
+    frame = results[name]
+    tid = frame["tid"][0]
+    h, w = frame["size"][0]
+    assert h < w, "the synthetic tracker frames are landscape"
+    tr.motion_vector(frame, tid, "x.pkl", name, (int(h), int(w)))  # agrees: no error
+    with pytest.raises(tr.TrackError, match=r"x.pkl: frame .*field 'size' is landscape .* portrait"):
+        tr.motion_vector(frame, tid, "x.pkl", name, (int(w), int(h)))

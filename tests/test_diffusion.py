@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sabr_jax.diffusion import GaussianDiffusion, linear_betas, masked_mean, space_timesteps
+from sabr_jax.diffusion import GaussianDiffusion, frame_weights, linear_betas, space_timesteps
 
 
 def test_linear_schedule_closed_forms():
@@ -72,21 +72,47 @@ def test_loss_ignores_masked_frames_and_vlb_does_not_train_the_mean():
     out = jnp.asarray(rng.normal(size=(2, 6, 6)) * 0.5)
     mask = jnp.asarray(np.arange(6)[None] < np.array([[6], [3]]))
     t = jnp.array([0, 400])
-    loss, terms = d.loss(out, x0, xt, t, mask)
+    weights = frame_weights(mask)
+    loss, terms = d.loss(out, x0, xt, t, weights)
     spoiled = out.at[1, 3:].set(1e3)
-    assert float(d.loss(spoiled, x0, xt, t, mask)[0]) == pytest.approx(float(loss))
-    # per example mean then mean over examples
-    se = np.mean((np.asarray(out[..., :3]) - np.asarray(x0)) ** 2, -1)
-    assert float(terms["mse"]) == pytest.approx((se[0].mean() + se[1, :3].mean()) / 2, rel=1e-5)
+    assert float(d.loss(spoiled, x0, xt, t, weights)[0]) == pytest.approx(float(loss))
     # the vlb gradient reaches only the variance half of the output
-    grad = jax.grad(lambda o: d.loss(o, x0, xt, t, mask)[1]["vlb"])(out)
+    grad = jax.grad(lambda o: d.loss(o, x0, xt, t, weights)[1]["vlb"])(out)
     assert float(jnp.abs(grad[..., :3]).max()) == 0.0 and float(jnp.abs(grad[..., 3:]).max()) > 0
+    with pytest.raises(TypeError, match="weights"):
+        d.loss(out, x0, xt, t, mask)  # a mask is not a weighting
 
 
-def test_masked_mean_of_empty_example():
-    values = jnp.ones((2, 4))
-    mask = jnp.array([[True, True, False, False], [False] * 4])
-    assert float(masked_mean(values, mask)) == 1.0
+def test_frame_weighting_is_the_mean_over_frames_clip_the_mean_of_clip_means():
+    """Two clips with 2 and 20 counted frames: 'frame' (the default) gives the mean over the 22
+    frames, 'clip' the mean of the two clips' means."""
+    d = GaussianDiffusion.create()
+    rng = np.random.default_rng(1)
+    shape = (2, 24, 3)
+    x0, xt = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+    out = jnp.asarray(rng.normal(size=(2, 24, 6)), jnp.float32)
+    positions = np.arange(24)[None]
+    mask = jnp.asarray((positions >= 1) & (positions < np.array([[3], [21]])))  # frames 1-2 and 1-20
+    t = jnp.array([5, 600])
+    se = np.mean((np.asarray(out[..., :3]) - np.asarray(x0)) ** 2, -1)
+    per_frame = np.concatenate([se[0, 1:3], se[1, 1:21]])
+    assert per_frame.size == 22
+    _, by_frame = d.loss(out, x0, xt, t, frame_weights(mask))
+    _, by_clip = d.loss(out, x0, xt, t, frame_weights(mask, "clip"))
+    assert float(by_frame["mse"]) == pytest.approx(per_frame.mean(), rel=1e-5)
+    assert float(by_clip["mse"]) == pytest.approx((se[0, 1:3].mean() + se[1, 1:21].mean()) / 2, rel=1e-5)
+    assert abs(float(by_frame["mse"]) - float(by_clip["mse"])) > 1e-2  # the two differ on this batch
+
+
+def test_frame_weights_sum_to_one_and_skip_empty_clips():
+    mask = jnp.array([[True, True, False, False], [False] * 4, [True, True, True, True]])
+    for weighting, row_sums in (("frame", [2 / 6, 0, 4 / 6]), ("clip", [0.5, 0, 0.5])):
+        weights = frame_weights(mask, weighting)
+        np.testing.assert_allclose(weights.sum(-1), row_sums, rtol=1e-6)
+        assert float(jnp.abs(jnp.where(mask, 0.0, weights)).max()) == 0.0  # nothing off the mask
+    assert float(frame_weights(jnp.zeros((2, 3), bool)).sum()) == 0.0  # no counted frame: no loss, no NaN
+    with pytest.raises(ValueError, match="weighting"):
+        frame_weights(mask, "example")
 
 
 def test_linear_betas_other_lengths_scale():
@@ -98,11 +124,11 @@ def test_feature_weights_reweigh_the_fit_but_not_the_reported_mse():
     rng = np.random.default_rng(0)
     x0, x_t = (jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32) for _ in range(2))
     out = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
-    t, mask = jnp.array([3, 50]), jnp.ones((2, 5), bool)
-    plain, terms = d.loss(out, x0, x_t, t, mask)
-    same, _ = d.loss(out, x0, x_t, t, mask, np.ones(4, np.float32))
+    t, weights = jnp.array([3, 50]), frame_weights(jnp.ones((2, 5), bool))
+    plain, terms = d.loss(out, x0, x_t, t, weights)
+    same, _ = d.loss(out, x0, x_t, t, weights, np.ones(4, np.float32))
     np.testing.assert_allclose(same, plain, rtol=1e-6)
-    only_first, weighted = d.loss(out, x0, x_t, t, mask, np.array([1.0, 0, 0, 0], np.float32))
+    only_first, weighted = d.loss(out, x0, x_t, t, weights, np.array([1.0, 0, 0, 0], np.float32))
     np.testing.assert_allclose(weighted["mse"], terms["mse"])  # the logged figure stays the plain mean
-    first_err = masked_mean(jnp.square(out[..., :1] - x0[..., :1])[..., 0], mask)
+    first_err = jnp.mean(jnp.square(out[..., 0] - x0[..., 0]))
     np.testing.assert_allclose(only_first, first_err + terms["vlb"], rtol=1e-5)

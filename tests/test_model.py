@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +7,7 @@ import pytest
 from flax import nnx
 from util import forward, spoil, tiny_batch, tiny_model
 
-from sabr_jax.config import base_config
+from sabr_jax.config import PAPER_SHAPES, base_config
 from sabr_jax.model import Block, DiT, DiTConfig, window
 from sabr_jax.trainer import model_config
 
@@ -96,7 +98,7 @@ def test_cross_window_never_crosses_the_prompt_boundary():
     nor they its. A spatial block (self-attention within a frame, MLP per token) is used: its
     output at frame t depends on frame t's input and the video tokens its cross-attention
     reads, nothing else. (The whole model mixes frames in its temporal blocks by design.)"""
-    cfg = DiTConfig(width=32, heads=4, depth=2, video_dim=16, cross_window=2)
+    cfg = DiTConfig(width=32, heads=4, depth=2, video_dim=16, cross_window=2, dtype="float32")
     block = randomized(Block(cfg, "slots", "frame", nnx.Rngs(0)))
     batch = tiny_batch(lengths=(10, 7), context=3)
     frame_mask, context_mask = jnp.asarray(batch["frame_mask"]), jnp.asarray(batch["context_mask"])
@@ -146,3 +148,27 @@ def test_sabr_l_has_about_600m_parameters(layout):
     abstract = nnx.eval_shape(lambda: DiT(model_config(cfg), rngs=nnx.Rngs(0)))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert 550e6 <= count <= 650e6, count
+
+
+@pytest.mark.parametrize("layout", ["slots", "frame"])
+def test_every_block_norm_is_parameter_free(layout):
+    """As the authors' DiTBlock (norm1, norm2 before the cross-attention, norm3) and final layer:
+    LayerNorms without scale or bias; the adaLN modulations do the scaling."""
+    cfg = DiTConfig(layout=layout, width=32, heads=4, depth=2, video_dim=16)
+    model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+    for norm in (model.blocks.spatial.norm2, model.blocks.temporal.norm2, model.blocks.spatial.norm1):
+        assert norm.scale is None and norm.bias is None
+        assert not jax.tree.leaves(nnx.state(norm, nnx.Param))
+    assert not jax.tree.leaves(nnx.state(model.final_layer.norm, nnx.Param))
+    affine = nnx.eval_shape(lambda: DiT(dataclasses.replace(cfg, cross_norm_affine=True), rngs=nnx.Rngs(0)))
+    assert affine.blocks.spatial.norm2.scale is not None and affine.blocks.temporal.norm2.bias is not None
+    assert affine.blocks.spatial.norm1.scale is None
+
+
+def test_dit_config_defaults_are_the_base_configs():
+    """DiTConfig() is the model base_config() builds (its video_dim left to the dataset: the paper's)."""
+    cfg = base_config()
+    cfg.model.video_dim = PAPER_SHAPES["model.video_dim"]
+    built, default = model_config(cfg), DiTConfig()
+    for field in dataclasses.fields(DiTConfig):
+        assert getattr(default, field.name) == getattr(built, field.name), field.name

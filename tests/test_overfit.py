@@ -2,6 +2,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from sabr_jax import sharding
 from sabr_jax.config import demo_config
@@ -10,6 +11,7 @@ from sabr_jax.data.sources import open_source
 from sabr_jax.trainer import Trainer
 
 
+@pytest.mark.slow  # about a minute on 2 cores; in CI the demo's held-out table shows learning instead
 def test_overfitting_one_batch_cuts_the_loss_tenfold():
     cfg = demo_config()
     cfg.batch_size = 4

@@ -6,8 +6,11 @@ import pytest
 from flax import nnx
 from util import tiny_batch, tiny_model
 
+from sabr_jax import sample_plan
+from sabr_jax.cli import UserError
+from sabr_jax.config import base_config
 from sabr_jax.diffusion import GaussianDiffusion
-from sabr_jax.sampling import denoiser, guided, make_sampler, motion_frames, sample
+from sabr_jax.sampling import HEADROOM, denoiser, guided, kv_policy, make_sampler, motion_frames, plan_kv_cache, sample
 
 SHAPE = (2, 12, 161)
 
@@ -45,8 +48,9 @@ def test_guidance_formula():
 
 def sampler_config(**sample):
     cfg = ml_collections.ConfigDict()
+    cfg.model = dict(depth=4)  # tiny_model's: 2 block pairs
     cfg.diffusion = dict(num_steps=1000, beta_start=1e-4, beta_end=2e-2)
-    cfg.sample = dict(steps=8, method="ddpm", eta=0.0, guidance_scale=1.0, cache_kv=True)
+    cfg.sample = dict(steps=8, method="ddpm", eta=0.0, guidance_scale=1.0, kv_cache="all")
     cfg.sample.update(sample)
     return cfg
 
@@ -58,14 +62,68 @@ def model_and_batch(layout="slots"):
     return graphdef, nnx.to_pure_dict(params), batch
 
 
-@pytest.mark.parametrize("layout", ["slots", "frame"])
-def test_cached_keys_values_give_the_same_sample(layout):
-    graphdef, params, batch = model_and_batch(layout)
+def test_every_cache_policy_gives_the_same_sample():
+    """kv_cache='auto' given a memory between caching none and all block pairs' video keys/values
+    caches the first pair; caching none, one or both pairs gives the same sample."""
+    graphdef, params, batch = model_and_batch()
+    args = (params, batch, jax.random.PRNGKey(0), None, None)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    sampler = make_sampler(graphdef, sampler_config(kv_cache="auto"))
+    assert sampler.kv_pairs(*args) == 2 and list(sampler.plans.values())[0].measured == {}  # CPU: no limit, all
+
+    sampler = make_sampler(graphdef, sampler_config(kv_cache="auto"), memory=1)
+    with pytest.raises(UserError, match="even recomputing"):
+        sampler.padded(*args)
+    (plan,) = sampler.plans.values()
+    none, full = plan.measured[0], plan.measured[2]
+    assert none < full
+    sampler.memory, sampler.plans = int((none + 0.75 * (full - none)) / (1 - HEADROOM)), {}
+    chunked, _ = sampler.padded(*args)
+    (plan,) = sampler.plans.values()
+    assert plan.chosen == 1 and none < plan.measured[1] < full
+
+    assert bool(jnp.all(jnp.isfinite(chunked)))
+    for k in (0, 2):
+        other, _ = sampler.compile(abstract, k)(*args)
+        np.testing.assert_allclose(other, chunked, rtol=1e-5, atol=1e-5, err_msg=f"{k} block pairs cached")
+
+
+def test_cache_policies_agree_with_the_frame_layout_and_guidance():
+    graphdef, params, batch = model_and_batch("frame")
     key = jax.random.PRNGKey(0)
-    cached, _ = make_sampler(graphdef, sampler_config(cache_kv=True)).padded(params, batch, key)
-    fresh, _ = make_sampler(graphdef, sampler_config(cache_kv=False)).padded(params, batch, key)
+    cached, _ = make_sampler(graphdef, sampler_config(guidance_scale=2.0)).padded(params, batch, key)
+    chunked, _ = make_sampler(graphdef, sampler_config(guidance_scale=2.0, kv_cache="2")).padded(params, batch, key)
     assert bool(jnp.all(jnp.isfinite(cached)))
-    np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cached, chunked, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_policy_reads_old_and_new_keys():
+    sample = lambda **keys: ml_collections.ConfigDict(dict(steps=8, **keys))
+    assert kv_policy(sample(), 24) == "auto"  # neither key
+    assert kv_policy(sample(cache_kv=True), 24) == "auto"
+    assert kv_policy(sample(cache_kv=False), 24) == 0
+    for value, pairs in [("auto", "auto"), ("all", 12), ("none", 0), (14, 7), ("14", 7), (24, 12)]:
+        assert kv_policy(sample(kv_cache=value, cache_kv=False), 24) == pairs
+    for bad in ("some", 3, "3", 26, -2, True):
+        with pytest.raises(UserError, match="config.sample.kv_cache"):
+            kv_policy(sample(kv_cache=bad), 24)
+
+
+def test_plan_kv_cache_takes_the_most_pairs_that_fit():
+    calls = []
+
+    def measure(k):  # 10 + 3 per pair, and the line's guess at 3 pairs is 1 byte off
+        calls.append(k)
+        return 10 + 3 * k + (k == 3)
+
+    assert plan_kv_cache(measure, 6, None).chosen == 6 and calls == []
+    assert plan_kv_cache(measure, 6, 28).chosen == 6
+    assert plan_kv_cache(measure, 6, 20).chosen == 3
+    stepped = plan_kv_cache(measure, 6, 19)  # the line's guess, 3 pairs, measures 20: one pair fewer
+    assert stepped.chosen == 2 and set(stepped.measured) == {0, 2, 3, 6}
+    assert plan_kv_cache(measure, 6, 9).chosen is None
+    every = plan_kv_cache(measure, 6, 100, every=True)
+    assert every.chosen == 6 and set(every.measured) == {0, 6}
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
@@ -152,3 +210,30 @@ def test_bad_method_is_refused():
         sample(
             oracle(jnp.zeros(SHAPE)), GaussianDiffusion.create(respace=5), jax.random.PRNGKey(0), SHAPE, method="euler"
         )
+
+
+def test_dry_run_plan_for_a_tiny_config():
+    """The dry run's plan: everything fits an unlimited device, a device between caching none and
+    all gets a chunk, a device below caching none gets nothing; the text says which."""
+    cfg = base_config()
+    cfg.model.update(width=32, heads=4, depth=4, video_dim=16, dtype="float32", remat="none")
+    cfg.data.update(num_patches=3, context_frames=2)
+    cfg.sample.update(steps=8)
+    free = sample_plan.plan(cfg, 10, "cpu")
+    assert free.kv.chosen == 2 and free.kv_cache == "all"
+    assert free.pair_bytes == 2 * 2 * 1 * 10 * 3 * 32 * 4  # 2 blocks x (K, V) x B x L x P x D x float32
+    none = free.kv.measured[0]
+    assert free.kv.measured[2] == none + 2 * free.pair_bytes
+
+    middle = free.on(int((none + 1.5 * free.pair_bytes) / (1 - HEADROOM)))
+    assert middle.kv.chosen == 1 and middle.kv_cache == 2
+    rows = {line.split()[0]: line.split() for line in middle.text().splitlines()}
+    assert rows["all"][1] == "4" and rows["all"][4] == "no"
+    assert rows["chunked"][1] == "2" and rows["chunked"][4:] == ["yes", "<-", "chosen"]
+    assert rows["none"][1] == "0" and rows["none"][4] == "yes"
+    assert "chosen: kv_cache=2 " in middle.text()
+
+    small = free.on(none // 2)
+    assert small.kv.chosen is None and small.kv_cache is None and "nothing fits" in small.text()
+    with pytest.raises(UserError, match="--device"):
+        sample_plan.device_bytes("v100")

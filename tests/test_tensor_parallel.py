@@ -70,7 +70,7 @@ def test_fused_projections_are_sharded_by_whole_heads():
 def test_fused_projection_splits_like_the_flat_layout():
     """The [D, 3, H, Dh] kernel is a flat [D, 3D] one reshaped: q, k, v and their heads come
     out in the order of the flat layout's output features (q | k | v, head after head)."""
-    block = Block(DiTConfig(width=32, heads=4, depth=2, video_dim=16), "slots", "frame", nnx.Rngs(0))
+    block = Block(DiTConfig(width=32, heads=4, depth=2, video_dim=16, dtype="float32"), "slots", "frame", nnx.Rngs(0))
     x = np.random.default_rng(0).normal(size=(2, 3, 5, 32)).astype(np.float32)
     flat = np.split(x @ np.asarray(block.qkv.kernel).reshape(32, 96), 3, axis=-1)
     for ours, theirs in zip(block.qkv(x), flat):

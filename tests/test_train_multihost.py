@@ -1,12 +1,18 @@
-"""Multi-host training: 2 CPU processes x 4 devices (jax.distributed, gloo) train and
+"""Multi-host set-up (sabr_jax.distributed), shared by sabr-train and sabr-prepare.
+
+Training: 2 CPU processes x 4 devices (jax.distributed, gloo) train and
 checkpoint; 1 process x 8 devices on another mesh resumes; the result equals an
 uninterrupted single-device run of the same length (same data order, same keys).
+
+Preparing: 2 CPU processes of sabr-prepare split the clips between them and process 0 builds
+the dataset of both.
 
 The data order holds across process counts because every host reads its rows of one
 global, seeded stream of batches (sabr_jax.data.pipeline), and the data_iter checkpoint
 is that stream's position (sabr_jax.checkpoint), which any number of processes restores.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +20,8 @@ import sys
 
 import jax
 import numpy as np
+import pytest
+from console import SCRIPTS
 from test_train_loop import REPO, flags, losses, tiny_cfg
 
 TOTAL, FIRST = 6, 3
@@ -34,6 +42,28 @@ def env(devices):
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+def run_processes(module: str, args: list, count: int, devices: int) -> list[str]:
+    """Run `python -m module args` as `count` processes of one job (gloo on localhost, `devices` CPU
+    devices each); -> their outputs, after checking that each exited with status 0."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *map(str, args)]
+            + ["--coordinator_address", f"localhost:{port}", "--num_processes", str(count), "--process_id", str(i)],
+            cwd=REPO,
+            env=env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(count)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
 def final_state(workdir, cfg):
     from sabr_jax import checkpoint, sharding
     from sabr_jax.trainer import Trainer
@@ -50,34 +80,9 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
     from sabr_jax.loop import train
 
     work, ref_dir = tmp_path / "run", tmp_path / "reference"
-    port = free_port()
     # 2 processes x 4 devices, mesh data=2 fsdp=2 tensor=2 across both hosts; stop at step 3.
     first = flags(work, FIRST, 100, EPS, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sabr_jax.train",
-                *first,
-                "--coordinator_address",
-                f"localhost:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-            ],
-            cwd=REPO,
-            env=env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    outs = run_processes("sabr_jax.train", first, 2, 4)
     assert "2 process(es), 8 devices" in outs[0]
     assert sorted(os.listdir(work / "checkpoints")) == [str(FIRST)]
     # 1 process x 8 devices, another mesh (fsdp=8), the same workdir: resumes at step 3.
@@ -109,3 +114,21 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
     for name in ("params", "ema"):
         for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(ref_state[name])):
             np.testing.assert_allclose(a, b, atol=tol)
+
+
+@pytest.mark.slow  # ~75 s on 2 cores
+def test_two_hosts_prepare_one_dataset(tmp_path):
+    """sabr-prepare joins the job through the same flags and function as sabr-train
+    (sabr_jax.distributed): each process encodes its half of the clips, process 0 builds them all."""
+    from sabr_jax.data import synth
+
+    clips = tmp_path / "clips"
+    for i in range(2):
+        synth.make_clip(clips / f"clip{i}", seed=i, holds=3, fps=24, height=64, width=112, context=1)
+    module = SCRIPTS["sabr-prepare"].split(":")[0]
+    size = ["--frame_size", "64x112", "--encoder_size", "28x56", "--encoder", "random-tiny", "--context_frames", "1"]
+    outs = run_processes(module, [clips, "--data_dir", tmp_path / "data", *size], 2, 1)
+    for i, out in enumerate(outs):  # clips[process_index::process_count]
+        assert f"[1/1] clip{i}:" in out and f"clip{1 - i}:" not in out, out[-4000:]
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert sorted(report["built"]) == ["clip0", "clip1"], report

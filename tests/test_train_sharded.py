@@ -176,7 +176,7 @@ def test_nonfinite_report_names_the_quantity():
 
 
 def test_jaxpr_flops_counts_scan_trips():
-    from sabr_jax.dry_run import jaxpr_flops
+    from sabr_jax.flops import jaxpr_flops
 
     x, w = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
     scanned = jax.make_jaxpr(lambda x, w: jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0])(x, w)

@@ -10,7 +10,7 @@ from sabr_jax.model import DiT, DiTConfig
 
 def tiny_model(layout="slots", seed=0, randomize=True, **overrides):
     """A 2-pair DiT; with randomize, every parameter (the zero-initialised ones too) is random."""
-    fields = dict(layout=layout, width=32, heads=4, depth=4, video_dim=16)
+    fields = dict(layout=layout, width=32, heads=4, depth=4, video_dim=16, dtype="float32", remat="none")
     fields.update(overrides)
     model = DiT(DiTConfig(**fields), rngs=nnx.Rngs(seed))
     if randomize:

@@ -7,16 +7,18 @@ CLIPS/<clip_id>/ holds video.mp4, context/*.png (optional), tracks.pkl (PHALP /
 norm_stats.json and report.json (also printed): what was built, resumed and skipped, and
 why. The exit status is 1 when no dataset could be built. A rerun skips finished clips.
 The stages are described in sabr_jax.data.prepare; each flag below but --data_dir and
---distributed sets the field of sabr_jax.data.prepare_settings.Settings of its name.
+the multi-host ones (sabr_jax.distributed, as for sabr-train: on several hosts the clips are
+split between them) sets the field of sabr_jax.data.prepare_settings.Settings of its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 from absl import flags
 
-from sabr_jax import cli
+from sabr_jax import cli, distributed
 from sabr_jax.data import prepared as prep
 from sabr_jax.data.prepare import prepare
 from sabr_jax.data.prepare_settings import RANDOM_ENCODERS, Settings
@@ -78,21 +80,14 @@ flags.DEFINE(
     cli.SizeParser(), "encoder_size", "x".join(map(str, Settings.encoder_size)), "Encoder input HxW, multiples of 14."
 )
 flags.DEFINE_integer("seed", Settings.seed, "Seed of a random encoder.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Call jax.distributed.initialize() (auto-detected on TPU pods and SLURM) and split clips between hosts.",
-)
+flags.adopt_module_key_flags(distributed)
 
 
 def main(argv: list[str]) -> int:
     if _ENCODER.value is None:
         raise cli.UserError(NO_ENCODER)
     settings = Settings(**{field.name: flags.FLAGS[field.name].value for field in dataclasses.fields(Settings)})
-    import jax
-
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    distributed.initialize()
     barrier = None
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -44,25 +44,10 @@ from sabr_jax import motion as M
 from sabr_jax.cli import UserError
 from sabr_jax.data import synth_climber as C
 from sabr_jax.data import synth_wall as Wl
+from sabr_jax.data import video as vid
 
 CLIMBER, DISTRACTOR, GHOST = 7, 2, 3
 DEFAULT_HOLDS = 8
-
-
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
-    """uint8 [N, H, W, 3] (H, W even) -> H.264 mp4 with PyAV."""
-    import av
-
-    n, h, w, _ = frames.shape
-    with av.open(os.fspath(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "23", "preset": "veryfast"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 # ---------------------------------------------------------------- PHALP tracks
@@ -232,7 +217,9 @@ def make_clip(
     route_holds.draw(canvas, canvas_view, shade=True)
     frames = np.stack([Wl.view_of(canvas, (left, top), v, height, width) for v in views])
     folder.mkdir(parents=True, exist_ok=True)
-    write_video(folder / "video.mp4", frames, fps)
+    with vid.VideoWriter(folder / "video.mp4", fps, crf=23) as writer:
+        for frame in frames:
+            writer.write(frame)
 
     (folder / "context").mkdir(exist_ok=True)
     for c in range(context):

@@ -70,7 +70,16 @@ def _base_frames() -> np.ndarray:
 
 
 _BASE_WORLD = _base_frames()
-_BASE_JOINTS = np.asarray(S.forward_kinematics(BASE_POSE), np.float64)  # [24, 3], pelvis at the origin
+
+
+@functools.cache
+def _base_joints() -> np.ndarray:
+    """[24, 3] the base pose's joints, pelvis at the origin (on first use: no JAX computation at import;
+    computed eagerly even when the first use is inside a trace)."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(S.forward_kinematics(BASE_POSE), np.float64)
+
+
 _LIMB_ROOTS = (16, 17, 1, 2)  # the joint that swings each limb (LIMBS order): shoulders, hips
 
 
@@ -124,8 +133,8 @@ def _initial_params(targets, pelvis):
     each limb swung (at its shoulder or hip) to point at its target. -> params [NUM_PARAMS]."""
     params = jnp.zeros(NUM_PARAMS).at[:3].set(pelvis)
     for limb, root in enumerate(_LIMB_ROOTS):
-        a = _BASE_JOINTS[LIMB_JOINTS[limb]] - _BASE_JOINTS[root]
-        b = targets[limb] - pelvis - _BASE_JOINTS[root]
+        a = _base_joints()[LIMB_JOINTS[limb]] - _base_joints()[root]
+        b = targets[limb] - pelvis - _base_joints()[root]
         axis = jnp.cross(a, b)
         sin, cos = jnp.linalg.norm(axis), jnp.dot(a, b)
         world_aa = axis / (sin + 1e-9) * jnp.arctan2(sin, cos)

@@ -1,7 +1,8 @@
 """A deterministic synthetic clip source, generated in memory from a seed (the demo's data).
 
-Each clip is a smooth "climb": joint rotations oscillate around a per-clip pose, the bbox
-rises up the image, the camera breathes, the betas are constant. Its video tokens are a
+Each clip is a smooth "climb", SynthClimb's random person (`synth.random_person`, its
+bystanders): joint rotations oscillate around a per-clip pose, the bbox rises up the image,
+the camera breathes, the betas are constant. Its video tokens are a
 fixed random linear "rendering" of the motion (each patch token sees some of the token
 slots) plus a static per-clip wall and noise, so the tokens carry information about the
 motion and learning is measurable. The context
@@ -17,6 +18,7 @@ import functools
 import numpy as np
 
 from sabr_jax import motion as M
+from sabr_jax.data import synth
 
 FPS = 24.0
 
@@ -85,24 +87,11 @@ class SyntheticClips:
     def _motion(self, rng: np.random.Generator) -> np.ndarray:
         """A smooth climb [n, 161]; the first draw of `rng` is its length n."""
         n = int(rng.integers(self.min_frames, self.max_frames + 1))
-        seconds = np.arange(n)[:, None] / FPS  # [n, 1]
-
-        def wave(size, amplitude):
-            freq, phase = rng.uniform(0.2, 1.0, size), rng.uniform(0, 2 * np.pi, size)
-            return amplitude * np.sin(2 * np.pi * freq * seconds + phase)
-
-        base_pose = rng.normal(0, 0.3, M.NUM_JOINTS * 3)
-        axis_angle = (base_pose + wave(M.NUM_JOINTS * 3, 0.4)).reshape(n, M.NUM_JOINTS, 3)
-        rot6d = M.matrix_to_rot6d(M.axis_angle_to_matrix(axis_angle)).reshape(n, -1)
-        progress = seconds / seconds[-1].clip(1 / FPS)  # 0 -> 1 over the climb
-        box_size = rng.uniform(0.15, 0.3, 2)
-        start_x = rng.uniform(0.2, 0.6)
-        bbox = np.concatenate(
-            [start_x + wave(1, 0.05), 0.65 - 0.5 * progress + wave(1, 0.02), np.broadcast_to(box_size, (n, 2))], axis=1
+        person = synth.random_person(rng, n, FPS, height=1, width=1)  # a 1x1 image: the bbox in image fractions
+        rot6d = M.matrix_to_rot6d(person["rotations"]).reshape(n, -1)
+        return np.concatenate([person["bbox"], person["camera_bbox"], rot6d, person["betas"]], axis=1).astype(
+            np.float32
         )
-        camera = np.concatenate([0.9 + wave(1, 0.05), wave(2, 0.1)], axis=1)
-        betas = np.broadcast_to(rng.normal(0, 0.5, M.NUM_BETAS), (n, M.NUM_BETAS))
-        return np.concatenate([bbox, camera, rot6d, betas], axis=1).astype(np.float32)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - sources live as long as the run; 64 clips at most
     def _clip(self, index: int) -> dict[str, np.ndarray]:

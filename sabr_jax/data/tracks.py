@@ -25,14 +25,14 @@ Rules:
 * The motion vector of a frame (see sabr_jax.motion): bbox / [W, H, W, H], camera_bbox,
   (global_orient, body_pose) as 6D, betas.
 
-Pickles are read by `load_tracks`, a restricted unpickler: only numpy arrays, dtypes and
-scalars, joblib's array wrapper and plain builtin containers and values are constructed.
+Pickles are read by `load_tracks`, a restricted unpickler (sabr_jax.safe_pickle): only numpy
+arrays, dtypes and scalars, joblib's array wrapper and plain builtin containers and values are
+constructed.
 Anything else (e.g. a `__reduce__` calling `os.system`) is refused before it runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
@@ -41,6 +41,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from sabr_jax import motion as M
+from sabr_jax import safe_pickle
+from sabr_jax.data import video as vid
 
 
 class TrackError(ValueError):
@@ -48,61 +50,17 @@ class TrackError(ValueError):
 
 
 # ---------------------------------------------------------------- restricted unpickler
-_ALLOWED = {
-    ("builtins", name)
-    for name in (
-        "dict",
-        "list",
-        "tuple",
-        "set",
-        "frozenset",
-        "int",
-        "float",
-        "complex",
-        "str",
-        "bytes",
-        "bytearray",
-        "bool",
-        "slice",
-        "range",
-        "object",
-    )
-} | {
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1')
-    ("joblib.numpy_pickle", "NumpyArrayWrapper"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    *(
-        (mod, name)
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    ),
-    *((mod, "_frombuffer") for mod in ("numpy.core.numeric", "numpy._core.numeric")),
-}
-
-
-def _find_class(module: str, name: str):
-    allowed = (module, name) in _ALLOWED
-    # numpy >= 1.25 may pickle dtypes by class, e.g. numpy.dtypes.Float32DType
-    allowed |= module in ("numpy.dtypes", "numpy._core.dtypes") and re.fullmatch(r"[A-Za-z0-9]+DType", name) is not None
-    if not allowed:
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: only numpy arrays and plain Python values are allowed"
-        )
-    if module.startswith("numpy.core"):  # numpy 1.x module names, renamed numpy._core in 2.x
-        module = "numpy._core" + module[len("numpy.core") :]
-    return getattr(importlib.import_module(module), name)
+_ALLOWED = safe_pickle.PLAIN | {("joblib.numpy_pickle", "NumpyArrayWrapper")}
 
 
 def _restricted_unpickler_class():
     from joblib.numpy_pickle import NumpyUnpickler
 
     class RestrictedUnpickler(NumpyUnpickler):
-        """joblib's unpickler (array payloads inline) with an allow-list `find_class`."""
+        """joblib's unpickler (array payloads inline) with sabr_jax.safe_pickle's allow-list `find_class`."""
 
         def find_class(self, module, name):
-            return _find_class(module, name)
+            return safe_pickle.find_class(module, name, _ALLOWED)
 
     return RestrictedUnpickler
 
@@ -218,6 +176,9 @@ def motion_vector(frame: Mapping, tid: int, path: str, name, image_hw: tuple[int
     camera = _field(frame, "camera_bbox", pos, path, name, tid, (3,))
     if "size" in frame:
         h, w = _field(frame, "size", pos, path, name, tid, (2,))
+        problem = image_hw is not None and vid.orientation_mismatch((h, w), image_hw)
+        if problem:
+            raise TrackError(f"{path}: frame {name!r}, track {tid}: field 'size' {problem}")
     elif image_hw is not None:
         h, w = image_hw
     else:

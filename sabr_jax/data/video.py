@@ -14,6 +14,13 @@ Frame rule (how a track frame maps to a video frame and a 24-FPS output frame):
 
 Frames are resized to the standard 368x640 (H x W; 640x368 for portrait sources) with
 area interpolation before encoding.
+
+Phone videos: a container may store the frames sideways with a rotation to apply on
+display (the display matrix, or the older 'rotate' stream tag). Frames are decoded
+upright, as players show them: rotated by that angle (rounded to quarter turns), and
+"portrait" and every size here mean the upright frame (`probe` reports its width and
+height). Trackers see upright frames too (ffmpeg rotates when it extracts them), so a
+track's `size` must have the upright frame's orientation (`orientation_mismatch`).
 """
 
 from __future__ import annotations
@@ -39,8 +46,42 @@ def oriented(size: tuple[int, int], height: int, width: int) -> tuple[int, int]:
     return (w, h) if height > width else (h, w)
 
 
+def quarter_turns(frame, stream) -> int:
+    """Counterclockwise quarter turns (0..3) that make a decoded frame upright: the frame's
+    display matrix (PyAV's `rotation`, degrees counterclockwise), else the stream's 'rotate'
+    tag (degrees clockwise), rounded to the nearest quarter turn."""
+    degrees = frame.rotation
+    if not degrees:
+        try:
+            degrees = -float(stream.metadata.get("rotate", 0))
+        except ValueError:  # a tag that is not a number: no rotation
+            degrees = 0
+    return round(degrees / 90) % 4
+
+
+def upright_hw(frame, turns: int) -> tuple[int, int]:
+    """(height, width) of a decoded frame once turned upright."""
+    return (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+
+
+def orientation_mismatch(size_hw, video_hw) -> str | None:
+    """None when size_hw (a tracker's image size [H, W]) and video_hw (the upright decoded
+    frame's) are both portrait or both landscape (or either is square); else what is wrong,
+    to follow the name of the field that holds size_hw."""
+    (h, w), (vh, vw) = size_hw, video_hw
+    if h == w or vh == vw or (h > w) == (vh > vw):
+        return None
+    shape = lambda a, b: f"{'portrait' if a > b else 'landscape'} {int(a)}x{int(b)}"  # noqa: E731
+    return (
+        f"is {shape(h, w)} (HxW) but the video decodes upright to {shape(vh, vw)}: the tracker saw the frames "
+        "turned (the video's rotation not applied?); track the upright video"
+    )
+
+
 def probe(path: str | os.PathLike) -> dict:
-    """Width, height, average rate and declared frame count of the first video stream."""
+    """Upright width and height (see the module docstring), rotation (counterclockwise
+    quarter turns applied), average rate and declared frame count of the first video stream.
+    The first frame is decoded to read its display matrix."""
     import av
 
     try:
@@ -49,9 +90,13 @@ def probe(path: str | os.PathLike) -> dict:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
+            first = next(container.decode(stream), None)
+            turns = quarter_turns(first, stream) if first is not None else 0
+            height, width = upright_hw(stream.codec_context, turns)
             return {
-                "width": stream.codec_context.width,
-                "height": stream.codec_context.height,
+                "width": width,
+                "height": height,
+                "rotation": turns,
                 "fps": float(rate) if rate else None,
                 "declared_frames": int(stream.frames or 0),
                 "duration_s": float(stream.duration * stream.time_base) if stream.duration else None,
@@ -72,9 +117,11 @@ def resampled_frames(
     """Decode and resample to `fps`; yields (output index k, source index i, uint8 [h, w, 3]).
 
     Only output frames whose source frame passes `keep(i)` are converted to pixels and
-    yielded (the others cost a decode, no resize). `size` is the landscape (h, w) output
+    yielded (the others cost a decode, no resize). Frames are turned upright (the
+    container's rotation, see the module docstring). `size` is the landscape (h, w) output
     size (None: the source size); portrait sources get it turned. `stats`, if given, is
-    filled with source_frames, source_fps, output_frames, width, height at the end.
+    filled with source_frames, source_fps, output_frames, width, height (upright) and
+    rotation (counterclockwise quarter turns applied) at the end.
     Raises VideoError when the file cannot be opened or decoding fails part way (a
     truncated file): the message names the file and the last good frame.
     """
@@ -97,7 +144,7 @@ def resampled_frames(
         k = 0
         index = -1
         t0 = None
-        out_hw = None
+        out_hw = turns = None
 
         def emit(k, item):
             i, _, frame = item
@@ -105,9 +152,10 @@ def resampled_frames(
                 return None
             nonlocal out_hw
             if out_hw is None:
-                out_hw = oriented(size, frame.height, frame.width) if size else (frame.height, frame.width)
-            pixels = frame.to_ndarray(format="rgb24", height=out_hw[0], width=out_hw[1], interpolation="AREA")
-            return k, i, pixels
+                out_hw = oriented(size, *upright_hw(frame, turns)) if size else upright_hw(frame, turns)
+            height, width = out_hw[::-1] if turns % 2 else out_hw  # the stored (sideways) frame's
+            pixels = frame.to_ndarray(format="rgb24", height=height, width=width, interpolation="AREA")
+            return k, i, np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
 
         try:
             for frame in container.decode(stream):
@@ -117,7 +165,7 @@ def resampled_frames(
                 else:
                     t = Fraction(index) / Fraction(rate)
                 if t0 is None:
-                    t0 = t
+                    t0, turns = t, quarter_turns(frame, stream)
                 t -= t0
                 item = (index, t, frame)
                 while prev is not None and k * step <= t:
@@ -146,8 +194,9 @@ def resampled_frames(
                 source_frames=index + 1,
                 source_fps=float(rate),
                 output_frames=k,
-                width=prev[2].width,
-                height=prev[2].height,
+                width=upright_hw(prev[2], turns)[1],
+                height=upright_hw(prev[2], turns)[0],
+                rotation=turns,
             )
 
 
@@ -212,3 +261,41 @@ def pool_tokens(tokens: np.ndarray, grid: tuple[int, int], pool: int) -> tuple[n
     sums = x.reshape(n, ph, pool, pw, pool, d).sum((2, 4))
     counts = count.reshape(ph, pool, pw, pool).sum((1, 3))
     return (sums / counts[None, :, :, None]).reshape(n, ph * pw, d), (ph, pw)
+
+
+class VideoWriter:
+    """An H.264 (libx264, yuv420p) mp4 written one uint8 [H, W, 3] frame at a time with PyAV.
+
+    The size is the first frame's; an odd height or width (which yuv420p cannot hold) is
+    padded by repeating the last row or column. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: int, crf: int = 20):
+        import av
+
+        self._av = av
+        self.container = av.open(os.fspath(path), "w")
+        self.stream = self.container.add_stream("libx264", rate=fps)
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": str(crf), "preset": "veryfast"}
+        self.started = False
+
+    def write(self, frame: np.ndarray) -> None:
+        height, width = frame.shape[:2]
+        frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+        if not self.started:
+            self.stream.height, self.stream.width = frame.shape[:2]
+            self.started = True
+        video_frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        self.container.mux(self.stream.encode(video_frame))
+
+    def close(self) -> None:
+        if self.started:
+            self.container.mux(self.stream.encode())
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

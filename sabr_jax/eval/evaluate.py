@@ -38,18 +38,15 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from sabr_jax import checkpoint
+from sabr_jax import inference
 from sabr_jax.cli import UserError
 from sabr_jax.data import pipeline
 from sabr_jax.data.tfds_builder import INDEX_FILE
 from sabr_jax.data.tfds_source import TfdsClips, open_tfds
 from sabr_jax.eval import metrics as M
 from sabr_jax.eval.plots import plot_adherence
-from sabr_jax.sampling import make_sampler
-from sabr_jax.trainer import build_model
 
 ROWS = ("model", "mean_motion", "random_clip", "shuffled_video", "ground_truth")
 SAMPLED = ("model", "shuffled_video")
@@ -74,19 +71,9 @@ def fit(frames: np.ndarray, length: int) -> np.ndarray:
 
 
 def load_model(export_dir: str, steps: int | None = None, method: str | None = None):
-    """-> (params, cfg, the checkpoint's NormStats, sampler) of an export; steps/method override cfg.sample."""
-    params, meta = checkpoint.load_export(export_dir)
-    if "config" not in meta or "norm_stats" not in meta:
-        raise UserError(
-            f"{export_dir}: the export's meta lacks 'config' or 'norm_stats' (not written by sabr-train --export?)"
-        )
-    cfg, stats = checkpoint.read_meta(meta)
-    if steps is not None:
-        cfg.sample.steps = steps
-    if method is not None:
-        cfg.sample.method = method
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0)))
-    return params, cfg, stats, make_sampler(graphdef, cfg)
+    """-> (params, cfg, the checkpoint's NormStats, sampler) of an export (sabr_jax.inference.load,
+    sabr-sample's loader); steps/method override cfg.sample."""
+    return inference.load(export_dir, steps, method)[:4]
 
 
 def _holds(source: TfdsClips, index: int) -> M.Holds | None:
