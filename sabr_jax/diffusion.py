@@ -46,6 +46,13 @@ class GaussianDiffusion:
     timesteps: np.ndarray  # [K] int
 
     @classmethod
+    def from_config(cls, diffusion_cfg, respace: int | None = None):
+        """The run's diffusion from its config's `diffusion` section (num_steps, beta_start,
+        beta_end); respace: the sampler's step count (None: every step, for training)."""
+        d = diffusion_cfg
+        return cls.create(d.num_steps, d.beta_start, d.beta_end, respace=respace)
+
+    @classmethod
     def create(cls, num_steps=1000, beta_start=1e-4, beta_end=2e-2, respace: int | None = None):
         betas = linear_betas(num_steps, beta_start, beta_end)
         if respace is None or respace == num_steps:

@@ -71,7 +71,7 @@ def load(export_dir: str, steps: int | None = None, method: str | None = None) -
     from flax import nnx
 
     from sabr_jax.sampling import make_sampler
-    from sabr_jax.trainer import build_model
+    from sabr_jax.trainer import abstract_model
 
     params, meta = checkpoint.load_export(export_dir)
     if "config" not in meta or "norm_stats" not in meta:
@@ -83,7 +83,7 @@ def load(export_dir: str, steps: int | None = None, method: str | None = None) -
         cfg.sample.steps = steps
     if method is not None:
         cfg.sample.method = method
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0)))
+    graphdef = nnx.graphdef(abstract_model(cfg))
     return Model(params, cfg, stats, make_sampler(graphdef, cfg), meta)
 
 

@@ -42,7 +42,7 @@ from sabr_jax.data.sources import resolve_shapes
 from sabr_jax.dry_run import GIB, abstract_batch
 from sabr_jax.flops import compiled_bytes
 from sabr_jax.sampling import HEADROOM, KvPlan, make_sampler, plan_kv_cache
-from sabr_jax.trainer import build_model
+from sabr_jax.trainer import abstract_model
 
 # Device memory in GiB, as nvidia-smi reports it; None: no limit (a CPU's host memory).
 DEVICES = {
@@ -137,7 +137,7 @@ def plan(
     cpu = jax.devices("cpu")[0]
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [cpu])
     whole = NamedSharding(mesh, P())
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)))
+    graphdef, state = nnx.split(abstract_model(cfg))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), nnx.to_pure_dict(state))
     batch = abstract_batch(cfg, whole)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=whole)

@@ -237,7 +237,7 @@ class Sampler:
     def __init__(self, graphdef, cfg, memory: int | None = None):
         d, s = cfg.diffusion, cfg.sample
         self.memory = memory
-        diffusion = GaussianDiffusion.create(d.num_steps, d.beta_start, d.beta_end, respace=s.steps)
+        diffusion = GaussianDiffusion.from_config(d, respace=s.steps)
         self.pairs = cfg.model.depth // 2
         self.policy = kv_policy(s, cfg.model.depth)
         self.plans: dict = {}  # shapes of a call -> its KvPlan ('auto')

@@ -49,9 +49,10 @@ def build_model(cfg: ml_collections.ConfigDict, seed: int) -> DiT:
     return DiT(model_config(cfg), rngs=nnx.Rngs(seed))
 
 
-def training_diffusion(cfg: ml_collections.ConfigDict) -> GaussianDiffusion:
-    d = cfg.diffusion
-    return GaussianDiffusion.create(d.num_steps, d.beta_start, d.beta_end)
+def abstract_model(cfg: ml_collections.ConfigDict) -> DiT:
+    """cfg's model with abstract parameters (nnx.eval_shape: nothing is allocated); its graph
+    (nnx.split / nnx.graphdef) is what the train step and the sampler run."""
+    return nnx.eval_shape(lambda: build_model(cfg, 0))
 
 
 def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -99,9 +100,8 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x the batch shards "
                 f"(mesh data x fsdp = {shards}): each micro-batch is split evenly over the devices"
             )
-        abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
-        self.graphdef, abstract_params = nnx.split(abstract)
-        self.diffusion = training_diffusion(cfg)
+        self.graphdef, abstract_params = nnx.split(abstract_model(cfg))
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self.tx = optimizer(cfg)
         params_spec = sharding.param_specs(abstract_params, self.mesh)
         opt_shapes = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abstract_params))
