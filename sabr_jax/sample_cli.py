@@ -20,7 +20,7 @@ frames; the tracker's values exactly, where it saw the climber) and samples the 
 --checkpoint or --config, --frames time positions (default: its data.max_frames) and a
 --device, without sampling:
 
-    sabr-sample --dry_run --config configs/sabr_l.py --frames 1100 --device h100-80gb
+    sabr-sample --dry_run --config configs/sabr_l.py --frames 1116 --device h100-80gb   # 1100 + 16 route images
 
 The output folder (also written to OUT/README.md):
 
