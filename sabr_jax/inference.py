@@ -35,7 +35,7 @@ from sabr_jax.data.prepare_settings import Settings
 from sabr_jax.motion import MOTION_DIM, NormStats
 from sabr_jax.sampling import Sampler
 
-TIME_MULTIPLE = 8  # time positions are rounded up to a multiple of this
+TIME_MULTIPLE = 8  # time positions are rounded up to a multiple of this (fewer compiles; sabr-eval too)
 
 
 class Model(NamedTuple):

@@ -59,7 +59,6 @@ PER_VIDEO = (
     "distractors_touched",
     "distractor_holds",
 )
-TIME_MULTIPLE = 8  # time positions are rounded up to a multiple of this (one compile for all clips)
 
 
 def fit(frames: np.ndarray, length: int) -> np.ndarray:
@@ -189,7 +188,8 @@ def evaluate(
 
     contexts = [min(source.num_context(i), cfg.data.context_frames) for i in range(n)]
     lengths = [source.num_frames(i) for i in range(n)]
-    positions = -(-max(c + t for c, t in zip(contexts, lengths)) // TIME_MULTIPLE) * TIME_MULTIPLE
+    step = inference.TIME_MULTIPLE  # one compile for all clips
+    positions = -(-max(c + t for c, t in zip(contexts, lengths)) // step) * step
     batch_size = min(batch_size, n)
     log(
         f"evaluating {n} clips of split {split!r} ({source.path}): {positions} time positions, "
