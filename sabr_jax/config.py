@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
             # sin-cos position is added to them, so that the model knows where a token is; () adds none (the authors' model)
             video_norm=False,  # standardise each channel of a frame's video tokens over its patches (what differs between them)
             cross_norm_affine=False,  # a learned scale and bias in the norm before the cross-attention (the authors': none)
+            # cheaper video conditioning (README, "Performance"): N > 0 condenses each frame's tokens to N latents once
+            # per forward (a resampler), so the blocks project keys/values from N tokens, not data.num_patches
+            video_latents=0,
+            kv_share=False,  # the two blocks of a pair share one video key/value projection (half the projections)
             dtype="bfloat16",  # compute dtype; parameters and optimiser state stay float32
             remat="full",  # per-block rematerialisation: 'none', 'full' or 'dots'
             attention="auto",  # attention kernel: 'auto' (per platform), 'xla', 'cudnn', 'splash'

@@ -115,3 +115,15 @@ def sincos_2d_embedding(rows: int, cols: int, dim: int) -> jax.Array:
 def modulate(x, shift, scale):
     """x [B, L, S, D]; shift, scale [B, D]."""
     return x * (1 + scale[:, None, None]) + shift[:, None, None]
+
+
+class Mlp(nnx.Module):
+    """[..., D] -> [..., D]: the transformer MLP (hidden width D * mlp_ratio, tanh-approximate GELU)."""
+
+    def __init__(self, cfg: DiTConfig, rngs):
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.fc1 = dense(cfg, cfg.width, hidden, ("embed", "mlp"), rngs)
+        self.fc2 = dense(cfg, hidden, cfg.width, ("mlp", "embed"), rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))

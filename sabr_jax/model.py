@@ -61,6 +61,12 @@ class label; `video_norm` standardises each channel of a frame's tokens over its
 `cross_norm_affine` gives the LayerNorm before the cross-attention a learned scale and bias
 (measured on SynthClimb's demo, README: with it the model reads the video within 2000 CPU
 steps, without it, the authors' block, it does not yet).
+
+Cheaper video conditioning (off in the paper configs; README, "Performance"): projecting every
+video token to keys and values in every block is most of a step's FLOPs at 700 patches per
+frame. `video_latents` N condenses each frame's tokens to N latents once per forward
+(`sabr_jax.pooling.VideoResampler`) and the blocks read those; `kv_share` lets the two blocks
+of a pair share one key/value projection.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ from flax import nnx
 from sabr_jax import motion
 from sabr_jax.attention import dot_product_attention
 from sabr_jax.layers import (
+    Mlp,
     Modulation,
     dense,
     einsum,
@@ -89,6 +96,7 @@ from sabr_jax.layers import (
     to_heads,
     zeros,
 )
+from sabr_jax.pooling import RouteEmbedder, VideoResampler
 from sabr_jax.sharding import whole
 
 REMAT_POLICIES = {
@@ -117,6 +125,8 @@ class DiTConfig:
     patch_grid: tuple[int, int] | None = None  # (rows, cols) of the video tokens: adds a fixed 2D sin-cos position
     video_norm: bool = False  # standardise each channel of a frame's video tokens over its patches
     cross_norm_affine: bool = False  # a learned scale and bias in the norm before the cross-attention
+    video_latents: int = 0  # > 0: a resampler condenses each frame's tokens to this many latents for the blocks
+    kv_share: bool = False  # the two blocks of a pair share one video key/value projection
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
     remat: str = "full"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
     attention: str | None = None  # force an attention kernel ('xla', 'cudnn', 'splash'); None picks
@@ -134,6 +144,10 @@ class DiTConfig:
             raise ValueError("model.cross_window applies to layout='slots' only")
         if (self.cross_route or self.route_adaln) and self.route_frames < 1:
             raise ValueError(f"cross_route and route_adaln need route_frames >= 1, got {self.route_frames}")
+        if self.video_latents < 0:
+            raise ValueError(
+                f"model.video_latents must be 0 (off) or a number of latent tokens, got {self.video_latents}"
+            )
         if self.patch_grid is not None and (len(self.patch_grid) != 2 or min(self.patch_grid) < 1):
             raise ValueError(f"model.patch_grid must be (rows, cols) of positive ints or None, got {self.patch_grid!r}")
 
@@ -144,6 +158,15 @@ class DiTConfig:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    def kv_tokens(self, num_patches: int) -> int:
+        """Video tokens per frame that each block's cross-attention projects to keys/values."""
+        return self.video_latents or num_patches
+
+    @property
+    def kv_per_pair(self) -> int:
+        """Key/value projections per block pair: 1 with `kv_share`, else 2."""
+        return 1 if self.kv_share else 2
 
 
 def window(kv: jax.Array, frame_mask: jax.Array, context_mask: jax.Array, w: int):
@@ -206,16 +229,6 @@ class TimestepEmbedder(nnx.Module):
         return self.mlp_out(nnx.silu(self.mlp_in(emb)))
 
 
-class Mlp(nnx.Module):
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        hidden = int(cfg.width * cfg.mlp_ratio)
-        self.fc1 = dense(cfg, cfg.width, hidden, ("embed", "mlp"), rngs)
-        self.fc2 = dense(cfg, hidden, cfg.width, ("mlp", "embed"), rngs)
-
-    def __call__(self, x):
-        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
-
-
 class Block(nnx.Module):
     """One DiT block on x [B, L, S, D].
 
@@ -224,14 +237,14 @@ class Block(nnx.Module):
     over time, averaged over the P positions: the authors' temporal block).
     """
 
-    def __init__(self, cfg: DiTConfig, self_axis: str, cross: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: DiTConfig, self_axis: str, cross: str, rngs: nnx.Rngs, own_kv: bool = True):
         self.cfg, self.self_axis, self.cross = cfg, self_axis, cross
         self.norm1 = layer_norm(cfg, affine=False, rngs=rngs)
         self.qkv = to_heads(cfg, 3, rngs)
         self.attn_out = from_heads(cfg, rngs)
         self.norm2 = layer_norm(cfg, affine=cfg.cross_norm_affine, rngs=rngs)
         self.cross_q = to_heads(cfg, None, rngs)
-        self.cross_kv = to_heads(cfg, 2, rngs)
+        self.cross_kv = to_heads(cfg, 2, rngs) if own_kv else None  # None: the pair's other block projects them
         self.cross_out = from_heads(cfg, rngs)
         self.norm3 = layer_norm(cfg, affine=False, rngs=rngs)
         self.mlp = Mlp(cfg, rngs)
@@ -291,43 +304,24 @@ class Block(nnx.Module):
 
 
 class BlockPair(nnx.Module):
-    """A spatial block followed by a temporal block: the unit that is stacked and scanned."""
+    """A spatial block followed by a temporal block: the unit that is stacked and scanned.
+    With `kv_share` the spatial block's key/value projection serves both."""
 
     def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        if cfg.layout == "slots":
-            self.spatial = Block(cfg, "slots", "frame", rngs)
-            self.temporal = Block(cfg, "time", "frame", rngs)
-        else:
-            self.spatial = Block(cfg, "time", "frame", rngs)
-            self.temporal = Block(cfg, "time", "patch_time", rngs)
+        temporal = ("time", "frame") if cfg.layout == "slots" else ("time", "patch_time")
+        self.spatial = Block(cfg, "slots" if cfg.layout == "slots" else "time", "frame", rngs)
+        self.temporal = Block(cfg, *temporal, rngs, own_kv=not cfg.kv_share)
 
     def video_kv(self, video_emb):
-        """-> ((k, v) of the spatial block, (k, v) of the temporal block), each [B, L, P, H, Dh]."""
+        """-> ((k, v) of the spatial block, (k, v) of the temporal block), each [B, L, P, H, Dh];
+        with `kv_share` one (k, v) for both."""
+        if self.temporal.cross_kv is None:
+            return (self.spatial.video_kv(video_emb),)
         return self.spatial.video_kv(video_emb), self.temporal.video_kv(video_emb)
 
     def __call__(self, x, c, kv, frame_mask, context_mask):
         x = self.spatial(x, c, kv[0], frame_mask, context_mask)
-        return self.temporal(x, c, kv[1], frame_mask, context_mask)
-
-
-class RouteEmbedder(nnx.Module):
-    """The route images' tokens -> one vector [B, D]: attention from learned queries (one per
-    head) over every route token, then a projection. Zero-initialised output: it starts as no
-    conditioning at all."""
-
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        query = logical(nnx.initializers.normal(1.0), ("heads", "head_dim"))
-        self.query = nnx.Param(query(rngs.params(), (cfg.heads, cfg.width // cfg.heads)))
-        self.kv = to_heads(cfg, 2, rngs)
-        self.out = from_heads(cfg, rngs, init=zeros)
-        self.attention = cfg.attention
-
-    def __call__(self, route_emb: jax.Array, route_mask: jax.Array) -> jax.Array:
-        """route_emb [B, C, P, D] (from `DiT.embed_video`), route_mask [B, C] -> [B, D]."""
-        k, v = (rearrange(a, "b c p h d -> b (c p) h d") for a in self.kv(route_emb))
-        q = jnp.broadcast_to(self.query.astype(k.dtype), (k.shape[0], 1, *self.query.shape))
-        mask = repeat(route_mask, "b c -> b (c p)", p=route_emb.shape[2])
-        return self.out(dot_product_attention(q, k, v, mask, implementation=self.attention)[:, 0])
+        return self.temporal(x, c, kv[-1], frame_mask, context_mask)
 
 
 class FinalLayer(nnx.Module):
@@ -383,6 +377,7 @@ class DiT(nnx.Module):
         self.prompt_embed = nnx.Param(logical(init, ("slots", "embed_vec"))(rngs.params(), (s, d)))
         self.video_embedder = dense(cfg, cfg.video_dim, d, ("video", "embed"), rngs)
         self.null_video = nnx.Param(logical(init, ("embed_vec",))(rngs.params(), (d,)))
+        self.resampler = VideoResampler(cfg, rngs) if cfg.video_latents else None
 
         @nnx.split_rngs(splits=cfg.depth // 2)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -395,10 +390,11 @@ class DiT(nnx.Module):
 
     # -------------------------------------------------------------- conditioning
     def embed_video(self, video: jax.Array, drop: jax.Array | None = None) -> jax.Array:
-        """video [B, L, P, Dv] tokens -> [B, L, P, D]. drop [B] bool replaces an example's tokens
-        by the learned null token (condition dropout for classifier-free guidance). A fixed
-        sine-cosine time embedding is added, and with `patch_grid` a 2D one over the patches.
-        With `video_norm` every channel of a frame's tokens is first standardised over its patches."""
+        """video [B, L, P, Dv] tokens -> [B, L, P, D] (N, not P, with `video_latents` N: the
+        resampler's latents). drop [B] bool replaces an example's tokens by the learned null
+        token (condition dropout for classifier-free guidance). A fixed sine-cosine time embedding
+        is added, and with `patch_grid` a 2D one over the patches. With `video_norm` every
+        channel of a frame's tokens is first standardised over its patches."""
         if self.cfg.video_norm:  # what differs between a frame's patches, at unit scale
             video = video.astype(jnp.float32)
             mean, var = video.mean(axis=2, keepdims=True), video.var(axis=2, keepdims=True)
@@ -414,7 +410,7 @@ class DiT(nnx.Module):
                     f"model.patch_grid {rows}x{cols} does not match {video.shape[2]} video tokens per frame"
                 )
             emb = emb + sincos_2d_embedding(rows, cols, self.cfg.width)[None, None].astype(emb.dtype)
-        return emb
+        return emb if self.resampler is None else self.resampler(emb)
 
     def video_kv(self, video_emb: jax.Array, pairs: int | None = None):
         """The cross-attention keys/values of the first `pairs` block pairs (default: all), stacked

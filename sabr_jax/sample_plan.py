@@ -42,7 +42,7 @@ from sabr_jax.data.sources import resolve_shapes
 from sabr_jax.dry_run import GIB, abstract_batch
 from sabr_jax.flops import compiled_bytes
 from sabr_jax.sampling import HEADROOM, KvPlan, make_sampler, plan_kv_cache
-from sabr_jax.trainer import abstract_model
+from sabr_jax.trainer import abstract_model, model_config
 
 # Device memory in GiB, as nvidia-smi reports it; None: no limit (a CPU's host memory).
 DEVICES = {
@@ -144,7 +144,9 @@ def plan(
     sampler = make_sampler(graphdef, cfg)
     m, s = cfg.model, cfg.sample
     branches = 1 if s.guidance_scale == 1.0 else 2
-    pair_bytes = 2 * 2 * branches * samples * num_frames * cfg.data.num_patches * m.width * jnp.dtype(m.dtype).itemsize
+    dit = model_config(cfg)  # keys and values of each of a pair's projections, for every cached frame
+    per_frame = dit.kv_per_pair * 2 * dit.kv_tokens(cfg.data.num_patches) * m.width * jnp.dtype(m.dtype).itemsize
+    pair_bytes = branches * samples * num_frames * per_frame
     start = time.perf_counter()
     with jax.set_mesh(mesh):  # attention picks the CPU's kernel whatever this machine's default device
         recompute = compiled_bytes(sampler.compile((params, batch, key, None, None), 0))

@@ -88,16 +88,14 @@ def sample(
     return x if mask is None else jnp.where(mask[:, :, None], x, 0.0)
 
 
-def guided(conditional: Denoiser, unconditional: Denoiser, scale: float) -> Denoiser:
-    """Classifier-free guidance on the x0 prediction; the variance comes from the conditional."""
-
-    def denoise(x, t):
-        cond, uncond = conditional(x, t), unconditional(x, t)
-        x0_c, v_c = jnp.split(cond, 2, axis=-1)
-        x0_u, _ = jnp.split(uncond, 2, axis=-1)
-        return jnp.concatenate([x0_u + scale * (x0_c - x0_u), v_c], axis=-1)
-
-    return denoise
+def guided(out: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance on the x0 prediction: out [2B, L, 2F] is the model's output for
+    the conditional (first B) and the unconditional (last B) branch -> [B, L, 2F]; the variance
+    comes from the conditional."""
+    cond, uncond = jnp.split(out, 2, axis=0)
+    x0_c, v_c = jnp.split(cond, 2, axis=-1)
+    x0_u, _ = jnp.split(uncond, 2, axis=-1)
+    return jnp.concatenate([x0_u + scale * (x0_c - x0_u), v_c], axis=-1)
 
 
 def denoiser(
@@ -108,23 +106,27 @@ def denoiser(
     kv_pairs: the cross-attention keys/values of the first kv_pairs block pairs (None: all)
     are computed here, once, and reused by every step; the other pairs recompute theirs
     every step (less memory, more time). guidance_scale != 1 adds the unconditional branch
-    (null video tokens), with a cache of its own. The model is merged anew inside each step:
-    NNX modules may not cross the sampler's scan boundary.
+    (null video tokens, with a cache of its own) as a second half of the batch: both branches
+    run in one forward per step. The model is merged anew inside each step: NNX modules may
+    not cross the sampler's scan boundary.
     """
+    model = nnx.merge(graphdef, params)
+    batch = video.shape[0]
+    branches = 1 if guidance_scale == 1.0 else 2
+    both = lambda a: jnp.concatenate([a] * branches) if branches > 1 else a
+    frame_mask, context_mask = both(frame_mask), both(context_mask)
+    emb = model.embed_video(both(video), jnp.arange(branches * batch) >= batch)  # the second half: null video
+    pairs = model.cfg.depth // 2
+    cached = pairs if kv_pairs is None else kv_pairs
+    cond = {"video_emb": emb} if cached < pairs else {}
+    if cached:
+        cond.update(kv=model.video_kv(emb, cached), route=model.route_vector(emb, context_mask))
 
-    def bind(drop):
-        model = nnx.merge(graphdef, params)
-        emb = model.embed_video(video, jnp.full(video.shape[:1], drop))
-        pairs = model.cfg.depth // 2
-        cached = pairs if kv_pairs is None else kv_pairs
-        cond = {"video_emb": emb} if cached < pairs else {}
-        if cached:
-            cond.update(kv=model.video_kv(emb, cached), route=model.route_vector(emb, context_mask))
-        return lambda x, t: nnx.merge(graphdef, params)(x, t, frame_mask, context_mask, **cond)
+    def denoise(x, t):
+        out = nnx.merge(graphdef, params)(both(x), both(t), frame_mask, context_mask, **cond)
+        return out if branches == 1 else guided(out, guidance_scale)
 
-    if guidance_scale == 1.0:
-        return bind(False)
-    return guided(bind(False), bind(True), guidance_scale)
+    return denoise
 
 
 def motion_frames(batch) -> jax.Array:

@@ -8,6 +8,7 @@ from flax import nnx
 from util import forward, spoil, tiny_batch, tiny_model
 
 from sabr_jax.config import PAPER_SHAPES, base_config
+from sabr_jax.flops import jaxpr_flops
 from sabr_jax.model import Block, DiT, DiTConfig, window
 from sabr_jax.trainer import model_config
 
@@ -17,6 +18,9 @@ LAYOUTS = [
     ("slots", {"route_frames": 2, "cross_route": True, "route_adaln": True, "patch_grid": (1, 3), "video_norm": True}),
     ("frame", {}),
     ("frame", {"route_frames": 2, "cross_route": True, "route_adaln": True, "patch_grid": (3, 1)}),
+    ("slots", {"video_latents": 2, "kv_share": True}),
+    ("frame", {"kv_share": True}),
+    ("frame", {"video_latents": 2, "route_frames": 2, "cross_route": True, "route_adaln": True}),
 ]
 
 
@@ -172,3 +176,23 @@ def test_dit_config_defaults_are_the_base_configs():
     built, default = model_config(cfg), DiTConfig()
     for field in dataclasses.fields(DiTConfig):
         assert getattr(default, field.name) == getattr(built, field.name), field.name
+
+
+def _forward_flops(model, patches):
+    graphdef, state = nnx.split(model)
+    batch = tiny_batch(patches=patches)
+    return jaxpr_flops(jax.make_jaxpr(lambda state: forward(nnx.merge(graphdef, state), batch))(state))
+
+
+@pytest.mark.parametrize("layout", ["slots", "frame"])
+def test_cheaper_conditioning_cuts_the_video_projections(layout):
+    """kv_share removes exactly one key/value projection per pair; video_latents 4 of 64 tokens
+    per frame removes nearly all four blocks' projections and adds one, the resampler's."""
+    b, length, p, d = 2, 10, 64, 32
+    projection = 2 * (b * length * p) * d * (2 * d)  # one block's keys and values of every token
+    full = _forward_flops(tiny_model(layout), p)
+    shared = tiny_model(layout, kv_share=True)
+    assert shared.blocks.temporal.cross_kv is None
+    assert full - _forward_flops(shared, p) == 2 * projection  # one per pair, 2 pairs
+    latents = _forward_flops(tiny_model(layout, video_latents=4), p)
+    assert full - latents > 2.5 * projection  # 4 - 4 * 4 / 64 - 1, less the small latent MLP

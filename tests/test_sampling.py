@@ -11,6 +11,7 @@ from sabr_jax.cli import UserError
 from sabr_jax.config import base_config
 from sabr_jax.diffusion import GaussianDiffusion
 from sabr_jax.sampling import HEADROOM, denoiser, guided, kv_policy, make_sampler, motion_frames, plan_kv_cache, sample
+from sabr_jax.trainer import build_model
 
 SHAPE = (2, 12, 161)
 
@@ -39,11 +40,30 @@ def test_same_key_same_output_other_key_other_output():
 
 
 def test_guidance_formula():
-    cond = lambda x, t: jnp.concatenate([jnp.full_like(x, 2.0), jnp.full_like(x, 0.3)], -1)
-    uncond = lambda x, t: jnp.concatenate([jnp.full_like(x, 1.0), jnp.full_like(x, -0.9)], -1)
-    out = guided(cond, uncond, 3.0)(jnp.zeros((1, 2, 4)), jnp.zeros(1))
+    cond = jnp.concatenate([jnp.full((1, 2, 4), 2.0), jnp.full((1, 2, 4), 0.3)], -1)
+    uncond = jnp.concatenate([jnp.full((1, 2, 4), 1.0), jnp.full((1, 2, 4), -0.9)], -1)
+    out = guided(jnp.concatenate([cond, uncond]), 3.0)
+    assert out.shape == (1, 2, 8)
     np.testing.assert_allclose(out[..., :4], 1.0 + 3.0 * (2.0 - 1.0))
     np.testing.assert_allclose(out[..., 4:], 0.3)  # the conditional variance
+
+
+def test_guidance_runs_both_branches_in_one_forward():
+    """The batched guided denoiser equals the two branches run apart: the model given the video,
+    and the model given the null video, combined on x0."""
+    graphdef, params, batch = model_and_batch()
+    x = jax.random.normal(jax.random.PRNGKey(1), batch["motion"].shape)
+    t = jnp.array([7, 400])
+    masks = batch["frame_mask"], batch["context_mask"]
+    out = denoiser(graphdef, params, batch["video"], *masks, guidance_scale=2.5)(x, t)
+    model = nnx.merge(graphdef, params)
+    branch = lambda drop: model(x, t, *masks, video_emb=model.embed_video(batch["video"], jnp.full(2, drop)))
+    apart = guided(jnp.concatenate([branch(False), branch(True)]), 2.5)
+    np.testing.assert_allclose(out, apart, rtol=1e-5, atol=1e-5)
+    matmuls = lambda scale: str(
+        jax.make_jaxpr(denoiser(graphdef, params, batch["video"], *masks, guidance_scale=scale))(x, t)
+    ).count("dot_general")
+    assert matmuls(2.5) == matmuls(1.0)  # one forward (of a doubled batch), not two
 
 
 def sampler_config(**sample):
@@ -237,3 +257,15 @@ def test_dry_run_plan_for_a_tiny_config():
     assert small.kv.chosen is None and small.kv_cache is None and "nothing fits" in small.text()
     with pytest.raises(UserError, match="--device"):
         sample_plan.device_bytes("v100")
+
+
+@pytest.mark.parametrize("over", [{"kv_share": True}, {"video_latents": 2}])
+def test_dry_run_counts_the_cache_of_cheaper_conditioning(over):
+    """The plan's bytes per block pair are those of the keys/values the model caches."""
+    cfg = base_config()
+    cfg.model.update(width=32, heads=4, depth=4, video_dim=16, dtype="float32", remat="none", **over)
+    cfg.data.update(num_patches=3, context_frames=2)
+    cfg.sample.update(steps=2)
+    model = build_model(cfg, 0)
+    kv = model.video_kv(model.embed_video(jnp.zeros((1, 10, 3, 16))), 1)
+    assert sample_plan.plan(cfg, 10, "cpu").pair_bytes == sum(a.nbytes for a in jax.tree.leaves(kv))
