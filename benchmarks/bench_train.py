@@ -22,6 +22,7 @@ on all local devices.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import sys
@@ -177,12 +178,11 @@ def measure_case(
         return row
     state = trainer.init_state(cfg.seed)
     batches = device_batches(cfg, trainer, mesh, spec, 2)
-    taken = [0]
+    feed = itertools.cycle(batches)
 
     def one_step():
         nonlocal state
-        state, metrics = step(state, batches[taken[0] % len(batches)])
-        taken[0] += 1
+        state, metrics = step(state, next(feed))
         jax.block_until_ready(metrics["loss"])
 
     seconds, runs = harness.median_seconds(one_step, steps, warmup)

@@ -38,6 +38,11 @@ from sabr_jax.sampling import Sampler
 TIME_MULTIPLE = 8  # time positions are rounded up to a multiple of this (fewer compiles; sabr-eval too)
 
 
+def time_positions(used: int) -> int:
+    """`used` time positions rounded up to a multiple of TIME_MULTIPLE."""
+    return -(-used // TIME_MULTIPLE) * TIME_MULTIPLE
+
+
 class Model(NamedTuple):
     """An export, ready to sample: params (on this process's first device), the run's config
     (cfg.sample possibly overridden), its NormStats, the jitted Sampler and the export's meta."""
@@ -221,7 +226,7 @@ def make_batch(
     With motion [T, 161] raw and known [T] bool (completion) it also holds the normalised
     "known" [1, L, 161] and "known_mask" [1, L] in the same layout."""
     used = len(route_tokens) + len(video_tokens)
-    positions = min(-(-used // TIME_MULTIPLE) * TIME_MULTIPLE, cfg.data.max_frames)
+    positions = min(time_positions(used), cfg.data.max_frames)
     clip = {
         "motion": np.zeros((len(video_tokens), MOTION_DIM), np.float32) if motion is None else motion,
         "motion_mask": np.ones(len(video_tokens), bool) if known is None else known,

@@ -159,15 +159,6 @@ class DiTConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
-    def kv_tokens(self, num_patches: int) -> int:
-        """Video tokens per frame that each block's cross-attention projects to keys/values."""
-        return self.video_latents or num_patches
-
-    @property
-    def kv_per_pair(self) -> int:
-        """Key/value projections per block pair: 1 with `kv_share`, else 2."""
-        return 1 if self.kv_share else 2
-
 
 def window(kv: jax.Array, frame_mask: jax.Array, context_mask: jax.Array, w: int):
     """Gather, for each frame t, the tokens of frames t-w..t+w.

@@ -49,7 +49,6 @@ class VideoResampler(nnx.Module):
     latents differ from the first step on."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        self.cfg = cfg
         init = logical(nnx.initializers.normal(0.02), ("slots", "embed_vec"))
         self.latents = nnx.Param(init(rngs.params(), (cfg.video_latents, cfg.width)))
         self.q = to_heads(cfg, None, rngs)
@@ -57,6 +56,7 @@ class VideoResampler(nnx.Module):
         self.out = from_heads(cfg, rngs)
         self.norm = layer_norm(cfg, affine=True, rngs=rngs)
         self.mlp = Mlp(cfg, rngs)
+        self.attention = cfg.attention
 
     def __call__(self, video_emb: jax.Array) -> jax.Array:
         """video_emb [B, L, P, D] -> [B, L, N, D]."""
@@ -65,6 +65,6 @@ class VideoResampler(nnx.Module):
         q = self.q(latents)  # [N, H, Dh], the same for every frame
         q = jnp.broadcast_to(q, (b * length, *q.shape))
         k, v = (rearrange(a, "b l p h d -> (b l) p h d") for a in self.kv(video_emb))
-        read = self.out(dot_product_attention(q, k, v, implementation=self.cfg.attention))
+        read = self.out(dot_product_attention(q, k, v, implementation=self.attention))
         x = latents + rearrange(read, "(b l) n d -> b l n d", b=b)
         return x + self.mlp(self.norm(x))

@@ -42,7 +42,7 @@ from sabr_jax.data.sources import resolve_shapes
 from sabr_jax.dry_run import GIB, abstract_batch
 from sabr_jax.flops import compiled_bytes
 from sabr_jax.sampling import HEADROOM, KvPlan, make_sampler, plan_kv_cache
-from sabr_jax.trainer import abstract_model, model_config
+from sabr_jax.trainer import abstract_model
 
 # Device memory in GiB, as nvidia-smi reports it; None: no limit (a CPU's host memory).
 DEVICES = {
@@ -125,6 +125,17 @@ class SamplePlan:
         return "\n".join(lines)
 
 
+def _pair_kv_bytes(graphdef, params, video) -> int:
+    """Bytes of one block pair's cached video keys/values for `video` (abstract): what
+    `DiT.video_kv(emb, 1)` makes, whatever the conditioning options."""
+
+    def first_pair(params, video):
+        model = nnx.merge(graphdef, params)
+        return model.video_kv(model.embed_video(video), 1)
+
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(first_pair, params, video)))
+
+
 def plan(
     cfg: ml_collections.ConfigDict, num_frames: int, device: str | int, samples: int = 1, name: str = ""
 ) -> SamplePlan:
@@ -144,9 +155,7 @@ def plan(
     sampler = make_sampler(graphdef, cfg)
     m, s = cfg.model, cfg.sample
     branches = 1 if s.guidance_scale == 1.0 else 2
-    dit = model_config(cfg)  # keys and values of each of a pair's projections, for every cached frame
-    per_frame = dit.kv_per_pair * 2 * dit.kv_tokens(cfg.data.num_patches) * m.width * jnp.dtype(m.dtype).itemsize
-    pair_bytes = branches * samples * num_frames * per_frame
+    pair_bytes = branches * _pair_kv_bytes(graphdef, params, batch["video"])
     start = time.perf_counter()
     with jax.set_mesh(mesh):  # attention picks the CPU's kernel whatever this machine's default device
         recompute = compiled_bytes(sampler.compile((params, batch, key, None, None), 0))

@@ -188,8 +188,7 @@ def evaluate(
 
     contexts = [min(source.num_context(i), cfg.data.context_frames) for i in range(n)]
     lengths = [source.num_frames(i) for i in range(n)]
-    step = inference.TIME_MULTIPLE  # one compile for all clips
-    positions = -(-max(c + t for c, t in zip(contexts, lengths)) // step) * step
+    positions = inference.time_positions(max(c + t for c, t in zip(contexts, lengths)))  # one compile for all
     batch_size = min(batch_size, n)
     log(
         f"evaluating {n} clips of split {split!r} ({source.path}): {positions} time positions, "
