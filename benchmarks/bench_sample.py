@@ -16,7 +16,9 @@ FLOPs (matrix multiplies) come from the sampler's own jaxpr (sabr_jax.flops.jaxp
 for 1 and 2 steps: their difference is one denoising step (the model forward as the sampler calls
 it, guidance included), the rest is the once-per-clip set-up (the cached video keys/values). The
 fraction of peak is the achieved FLOP/s of the timed runs (set-up included) over the matmul peak
-measured in the same run for the compute dtype (the sampler runs on one device).
+measured in the same run for the compute dtype (the sampler runs on one device). "denoising step"
+is one step without the set-up: a 1-step run is timed too, and the step is the difference over the
+extra steps; "step, of peak" is its FLOPs over that time.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ COLUMNS = (
     ("setup_gflop", "set-up GFLOP", ".4g"),
     ("gflop_per_s", "GFLOP/s", ".4g"),
     ("peak_fraction", "of peak", ".2f"),
+    ("setup_s", "set-up (s)", ".3g"),
+    ("denoise_step_s", "denoising step (s)", ".4g"),
+    ("step_peak_fraction", "step, of peak", ".2f"),
 )
 
 
@@ -102,21 +107,31 @@ def step_flops(cfg, graphdef, params, batch, kv_pairs: int) -> tuple[float, floa
 
 def time_method(cfg, params, graphdef, batch, method, steps, timed_steps, repeats, memory, peak) -> dict:
     """Plan the key/value cache, compile and time sampling `batch` with `method`; seconds per clip
-    (the batch's time, scaled from timed_steps if > 0, over its clips), FLOPs and fraction of peak."""
+    (the batch's time, scaled from timed_steps if > 0, over its clips), FLOPs and fraction of peak.
+
+    The denoising step alone: a second sampler of one step is timed too, and the step is the
+    difference over the extra steps, (t(n steps) - t(1 step)) / (n - 1), so that the once-per-clip
+    set-up (the cached keys/values) is not in it; its fraction of peak is its FLOPs over that time."""
     run_steps = timed_steps or steps
-    cfg.sample.update(method=method, steps=run_steps)
-    sampler = make_sampler(graphdef, cfg, memory=memory)
     args = (params, batch, jax.random.PRNGKey(0), None, None)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    start = time.perf_counter()
-    kv_pairs = sampler.kv_pairs(*args)  # 'auto' compiles the variants it measures
-    sampler.compile(abstract, kv_pairs)
-    compile_s = time.perf_counter() - start
-    per_run, runs = harness.median_seconds(lambda: jax.block_until_ready(sampler.padded(*args)), repeats, 1)
+
+    def timed(n: int, kv_pairs: int | None = None):
+        """-> (kv_pairs, compile s, median s of a run of n steps, the runs' s)."""
+        cfg.sample.update(method=method, steps=n)
+        sampler = make_sampler(graphdef, cfg, memory=memory)
+        start = time.perf_counter()
+        kv_pairs = sampler.kv_pairs(*args) if kv_pairs is None else kv_pairs  # 'auto' compiles what it measures
+        sampler.compile(abstract, kv_pairs)
+        compile_s = time.perf_counter() - start
+        median, runs = harness.median_seconds(lambda: jax.block_until_ready(sampler.padded(*args)), repeats, 1)
+        return kv_pairs, compile_s, median, runs
+
+    kv_pairs, compile_s, per_run, runs = timed(run_steps)
     per_step, setup = step_flops(cfg, graphdef, params, batch, kv_pairs)
     rate = (setup + run_steps * per_step) / per_run
     clips = batch["video"].shape[0]
-    return {
+    row = {
         "batch": clips,
         "method": method,
         "steps": steps,
@@ -131,6 +146,11 @@ def time_method(cfg, params, graphdef, batch, method, steps, timed_steps, repeat
         "gflop_per_s": rate / 1e9,
         "peak_fraction": rate / peak,
     }
+    if run_steps > 1:
+        one_step = timed(1, kv_pairs)[2]
+        step_s = (per_run - one_step) / (run_steps - 1)
+        row.update(denoise_step_s=step_s, setup_s=one_step - step_s, step_peak_fraction=per_step / step_s / peak)
+    return row
 
 
 def main(argv) -> None:

@@ -34,9 +34,12 @@ MAX_GIB = flags.DEFINE_float(
 )
 
 
-def matmul_peak(dtype: str, n: int = 0, calls: int = 5) -> float:
+def matmul_peak(dtype: str, n: int = 0, calls: int = 10) -> float:
     """FLOP/s of one jitted [n, n] @ [n, n] matrix multiply in `dtype` on the first device:
-    2 n^3 FLOPs over the median of `calls` timed calls after a compile and a warm-up call.
+    2 n^3 FLOPs over the fastest of `calls` timed calls after a compile and a warm-up call. The
+    fastest, not the median: a peak is the best the machine does, and on a shared machine the
+    median of a few calls can fall far below it (122 against 200 GFLOP/s on 2 cores), which
+    would inflate every fraction of peak in the report.
 
     n = 0 picks 2048 on a CPU (about 0.1-0.5 s a call on 2 cores) and 8192 on a GPU or TPU.
     """
@@ -46,8 +49,8 @@ def matmul_peak(dtype: str, n: int = 0, calls: int = 5) -> float:
     b = jax.random.normal(b_key, (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()  # the compile
-    seconds, _ = median_seconds(lambda: matmul(a, b).block_until_ready(), calls, warmup=1)
-    return 2.0 * n**3 / seconds
+    _, seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), calls, warmup=1)
+    return 2.0 * n**3 / min(seconds)
 
 
 def measure_peaks(dtypes: Sequence[str]) -> dict[str, float]:
@@ -73,7 +76,7 @@ def config_summary(cfg: ml_collections.ConfigDict, batch: bool = True, per_row: 
 def header(
     cfg: ml_collections.ConfigDict, peaks: dict[str, float], batch: bool = True, per_row: bool = False, **extra
 ) -> dict:
-    """The report's header: device kind and count, backend, CPU cores, JAX version, the config
+    """The report's header: device kind and count, backend, CPU cores, JAX version, XLA_FLAGS, the config
     (`config_summary`), the measured peaks in FLOP/s, and `extra` items."""
     return {
         "device": jax.devices()[0].device_kind,
@@ -81,6 +84,7 @@ def header(
         "backend": jax.default_backend(),
         "cpu_cores": os.cpu_count(),
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "config": config_summary(cfg, batch, per_row),
         "peak_flops": peaks,
         **extra,
@@ -91,12 +95,12 @@ def print_header(head: dict) -> None:
     peaks = ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in head["peak_flops"].items())
     print(
         f"device: {head['device_count']} x {head['device']} ({head['backend']}), {head['cpu_cores']} CPU cores; "
-        f"JAX {head['jax']}"
+        f"JAX {head['jax']}" + (f"; XLA_FLAGS={head['xla_flags']}" if head["xla_flags"] else "")
     )
     print(f"config: {head['config']}")
     print(f"matmul peak per device, measured in this run: {peaks}")
     for key, value in head.items():
-        if key not in ("device", "device_count", "backend", "cpu_cores", "jax", "config", "peak_flops"):
+        if key not in ("device", "device_count", "backend", "cpu_cores", "jax", "xla_flags", "config", "peak_flops"):
             print(f"{key}: {value}")
 
 

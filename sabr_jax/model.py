@@ -81,7 +81,7 @@ from einops import rearrange, repeat
 from flax import nnx
 
 from sabr_jax import motion
-from sabr_jax.attention import dot_product_attention
+from sabr_jax.attention import dot_product_attention, group_mean_attention
 from sabr_jax.layers import (
     Mlp,
     Modulation,
@@ -274,13 +274,8 @@ class Block(nnx.Module):
             mask = None if mask is None else rearrange(mask, "b l k -> (b l) k")
             out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
             out = rearrange(out, "(b l) s h d -> b l s h d", b=b)
-        else:  # patch_time: S == 1
-            p = k.shape[2]
-            q = repeat(q[:, :, 0], "b l h d -> (b p) l h d", p=p)
-            fold = lambda a: rearrange(a, "b l p h d -> (b p) l h d")
-            mask = repeat(frame_mask, "b l -> (b p) l", p=p)
-            out = dot_product_attention(q, fold(k), fold(v), mask, implementation=self.cfg.attention)
-            out = rearrange(out, "(b p) l h d -> b p l h d", b=b).mean(axis=1)[:, :, None]
+        else:  # patch_time: S == 1; the P patch positions are the key groups
+            out = group_mean_attention(q[:, :, 0], k, v, frame_mask, implementation=self.cfg.attention)[:, :, None]
         return self.cross_out(out)
 
     def __call__(self, x, c, kv, frame_mask, context_mask):

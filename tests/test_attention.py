@@ -115,6 +115,78 @@ def test_gradients_match_reference(implementation):
     assert not np.any(np.asarray(ours[0][2]))  # no key -> no gradient
 
 
+def group_inputs(groups, seed):
+    """q [3, 20, 2, 16]; k, v [3, 24, groups, 2, 16]; the mask of `make_inputs` (one example with no key)."""
+    q, _, _, mask = make_inputs(3, 20, 24, 2, 16, masked=True, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    k, v = (jnp.asarray(rng.normal(size=(3, 24, groups, 2, 16)), jnp.float32) for _ in range(2))
+    return q, k, v, mask
+
+
+def reference_group_mean(q, k, v, mask):
+    """The mean over groups of the reference attention to each group's keys."""
+    return jnp.mean(jnp.stack([reference_attention(q, k[:, :, g], v[:, :, g], mask) for g in range(k.shape[2])]), 0)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "splash_interpret"])
+def test_group_mean_attention_matches_the_mean_of_separate_attentions(implementation):
+    """The xla path (one matmul per example and head over all groups' keys) and the per-group path
+    of flash kernels both equal the mean of G separate attentions, values and gradients; an
+    example with no key gives zeros and passes no gradient."""
+    q, k, v, mask = group_inputs(groups=5, seed=5)
+    weights = jnp.asarray(np.random.default_rng(6).normal(size=q.shape), jnp.float32)
+    ours = lambda q, k, v: attention.group_mean_attention(q, k, v, mask, implementation=implementation)
+    out = ours(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, reference_group_mean(q, k, v, mask), 1e-5)
+    assert not np.any(np.asarray(out[2]))
+    loss = lambda fn: lambda q, k, v: jnp.sum(weights * fn(q, k, v))
+    grads = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(loss(lambda q, k, v: reference_group_mean(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, expected):
+        assert_close(g, g_ref, 2e-5)
+    assert not np.any(np.asarray(grads[0][2]))
+
+
+def test_group_mean_attention_in_chunks_matches(monkeypatch):
+    """With a score budget of 2 groups, the 5 groups go through in 3 chunks (the last padded):
+    the same values and gradients as all at once, inside one scan."""
+    q, k, v, mask = group_inputs(groups=5, seed=8)
+    one_group = 4 * 3 * 2 * 20 * 24  # float32 scores of one group: B H Lq Lk
+    monkeypatch.setattr(attention, "_GROUP_CHUNK_BYTES", 2 * one_group)
+    ours = lambda q, k, v: attention.group_mean_attention(q, k, v, mask, implementation="xla")
+    assert any(e.primitive.name == "scan" for e in jax.make_jaxpr(ours)(q, k, v).jaxpr.eqns)
+    assert_close(ours(q, k, v), reference_group_mean(q, k, v, mask), 1e-5)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+    grads = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(loss(lambda q, k, v: reference_group_mean(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, expected):
+        assert_close(g, g_ref, 2e-5)
+
+
+def test_group_mean_attention_longer_keys_run_per_group(monkeypatch):
+    """Keys longer than _GROUP_MERGE_MAX_LEN take the per-group path: the same values; its dots
+    are batched over examples x groups."""
+    q, k, v, mask = group_inputs(groups=5, seed=9)
+    monkeypatch.setattr(attention, "_GROUP_MERGE_MAX_LEN", k.shape[1] - 1)
+    ours = lambda q, k, v: attention.group_mean_attention(q, k, v, mask, implementation="xla")
+    assert_close(ours(q, k, v), reference_group_mean(q, k, v, mask), 1e-5)
+    dots = [e for e in jax.make_jaxpr(ours)(q, k, v).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(e.outvars[0].aval.shape[0] == 3 * 5 for e in dots)
+
+
+def test_group_mean_attention_xla_is_two_large_matmuls():
+    """On the xla path the products are 2 dot_generals batched over (example, head) only: the
+    groups are in the matmuls' rows or contraction, not in their batch."""
+    q, k, v, mask = group_inputs(groups=7, seed=7)
+    jaxpr = jax.make_jaxpr(lambda *a: attention.group_mean_attention(*a, implementation="xla"))(q, k, v, mask)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2
+    for dot in dots:
+        (_, _), (lhs_batch, _) = dot.params["dimension_numbers"]
+        assert len(lhs_batch) == 2  # example and head
+
+
 def test_default_on_cpu_is_xla_and_keeps_dtype():
     q, k, v, mask = make_inputs(2, 9, 13, 2, 8, masked=True, dtype=jnp.bfloat16)
     out = dot_product_attention(q, k, v, mask)

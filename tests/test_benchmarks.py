@@ -16,7 +16,7 @@ sys.path.insert(0, BENCH)
 
 import harness  # noqa: E402  (its absl flags --json, --peak_n, --max_gib: no other module defines them)
 
-HEADER = {"device", "device_count", "backend", "cpu_cores", "jax", "config", "peak_flops"}
+HEADER = {"device", "device_count", "backend", "cpu_cores", "jax", "xla_flags", "config", "peak_flops"}
 
 
 def bench(tmp_path, script: str, *args) -> dict:
@@ -107,6 +107,10 @@ def test_bench_sample_reports_seconds_per_clip_and_flops_per_step(tmp_path):
     for r in rows.values():
         assert r["seconds_per_clip"] == pytest.approx(r["seconds_per_step"] * r["steps"] / 2)
         assert r["gflop_per_step"] > 0 and r["setup_gflop"] > 0 and 0 < r["peak_fraction"] < 10
+        # the step without the set-up, from a 1-step run timed beside the 2-step one
+        peak = report["header"]["peak_flops"]["float32"]
+        assert r["step_peak_fraction"] == pytest.approx(r["gflop_per_step"] * 1e9 / r["denoise_step_s"] / peak)
+        assert {"setup_s", "denoise_step_s"} <= set(r)
     assert rows["ddpm"]["gflop_per_step"] == rows["ddim"]["gflop_per_step"]  # the same model forward
 
 
