@@ -140,17 +140,17 @@ def group_mean_attention(q, k, v, kv_mask=None, *, implementation=None):
             f"expected q [B, Lq, H, Dh] and k, v [B, Lk, G, H, Dh], got q {q.shape}, k {k.shape}, v {v.shape}"
         )
     groups = k.shape[2]
+    if kv_mask is not None:
+        kv_mask = jnp.asarray(kv_mask, dtype=bool)
     implementation = implementation or _choose_implementation(q, k)
     merge = implementation == "xla" and _target_device()[0] == "cpu" and k.shape[1] <= _GROUP_MERGE_MAX_LEN
     if not merge:  # one attention per group, the groups folded into the batch
         fold = lambda a: rearrange(a, "b l g h d -> (b g) l h d")
-        mask = None if kv_mask is None else repeat(jnp.asarray(kv_mask, bool), "b l -> (b g) l", g=groups)
+        mask = None if kv_mask is None else repeat(kv_mask, "b l -> (b g) l", g=groups)
         q = repeat(q, "b l h d -> (b g) l h d", g=groups)
         out = dot_product_attention(q, fold(k), fold(v), mask, implementation=implementation)
         return rearrange(out, "(b g) l h d -> b g l h d", g=groups).mean(axis=1).astype(q.dtype)
     _check_shapes(q, k[:, :, 0], v[:, :, 0], kv_mask)
-    if kv_mask is not None:
-        kv_mask = jnp.asarray(kv_mask, dtype=bool)
     batch, len_q, heads, _ = q.shape
     len_k = k.shape[1]
     chunk = max(1, min(groups, _GROUP_CHUNK_BYTES // (4 * batch * heads * len_q * len_k)))
