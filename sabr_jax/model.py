@@ -82,6 +82,7 @@ from flax import nnx
 
 from sabr_jax import motion
 from sabr_jax.attention import dot_product_attention, group_mean_attention
+from sabr_jax.cross_attention import VideoTokens, absorbed_attention, absorbs, frame_attention, window
 from sabr_jax.layers import (
     Mlp,
     Modulation,
@@ -160,48 +161,6 @@ class DiTConfig:
         return jnp.dtype(self.dtype)
 
 
-def window(kv: jax.Array, frame_mask: jax.Array, context_mask: jax.Array, w: int):
-    """Gather, for each frame t, the tokens of frames t-w..t+w.
-
-    kv [B, L, P, H, Dh] -> [B, L, (2w+1)*P, H, Dh]; masks [B, L] -> key mask [B, L, (2w+1)*P]:
-    False outside the clip, on padded frames, and across the prompt boundary (a motion frame
-    never reads a route image's tokens through the window, nor a route image a video frame's).
-    """
-    length, tokens = kv.shape[1], kv.shape[2]
-    pad = lambda a: jnp.pad(a, ((0, 0), (w, w)) + ((0, 0),) * (a.ndim - 2))
-    offsets = jnp.arange(length)[:, None] + jnp.arange(2 * w + 1)[None]  # [L, 2w+1]
-    kv = rearrange(pad(kv)[:, offsets], "b l o p h d -> b l (o p) h d")
-    valid = pad(frame_mask)[:, offsets] & (pad(context_mask)[:, offsets] == context_mask[:, :, None])
-    return kv, repeat(valid, "b l o -> b l (o p)", p=tokens)
-
-
-MASKED = -1e30  # the logit of a masked key (finite: a row with every key masked stays finite)
-
-
-def attend_with_route(q, k, v, mask, route_k, route_v, route_mask):
-    """Cross-attention of each frame to its own tokens and to the route images' tokens, one softmax.
-
-    q [B, L, S, H, Dh]; k, v [B, L, N, H, Dh] each frame's own (or windowed) tokens, mask
-    [B, L, N] or None; route_k, route_v [B, C, P, H, Dh] the tokens of the first C positions,
-    route_mask [B, C] (False where an example has fewer route images). Returns [B, L, S, H, Dh].
-    The route tokens are shared by every frame, so they are not copied per frame; this runs
-    as XLA einsums on every platform (the small and medium configs this option is for).
-    """
-    scale = q.shape[-1] ** -0.5
-    route_k, route_v = (rearrange(a, "b c p h d -> b (c p) h d") for a in (route_k, route_v))
-    own = jnp.einsum("blshd,blnhd->blhsn", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        own = jnp.where(mask[:, :, None, None], own, MASKED)
-    route = jnp.einsum("blshd,bkhd->blhsk", q, route_k, preferred_element_type=jnp.float32) * scale
-    route_mask = repeat(route_mask, "b c -> b (c p)", p=route_k.shape[1] // route_mask.shape[1])
-    route = jnp.where(route_mask[:, None, None, None], route, MASKED)
-    weights = jax.nn.softmax(jnp.concatenate([own, route], axis=-1), axis=-1).astype(q.dtype)
-    n = k.shape[2]
-    return jnp.einsum("blhsn,blnhd->blshd", weights[..., :n], v) + jnp.einsum(
-        "blhsk,bkhd->blshd", weights[..., n:], route_v
-    )
-
-
 class TimestepEmbedder(nnx.Module):
     """Diffusion step -> [B, D]: ADM's sinusoidal embedding (cos, sin) and a 2-layer MLP."""
 
@@ -243,7 +202,16 @@ class Block(nnx.Module):
 
     def video_kv(self, video_emb: jax.Array):
         """video_emb [B, L, P, D] -> keys, values [B, L, P, H, Dh] for the cross-attention."""
-        return tuple(self.cross_kv(video_emb))
+        return VideoTokens(video_emb, self.cross_kv).project()
+
+    def absorbs(self, patches: int) -> bool:
+        """Whether, given the video tokens (`VideoTokens`, `patches` per frame), the cross-attention
+        absorbs the key/value projection: where that costs fewer FLOPs (sabr_jax.cross_attention)."""
+        cfg = self.cfg
+        if self.cross == "patch_time":
+            return False
+        keys = patches * (2 * cfg.cross_window + 1 + (cfg.route_frames if cfg.cross_route else 0))  # per frame
+        return absorbs(cfg.num_slots, cfg.heads, keys, cfg.width, patches)
 
     def self_attention(self, x, frame_mask):
         b, _, s, _ = x.shape
@@ -260,26 +228,36 @@ class Block(nnx.Module):
         return self.attn_out(out)
 
     def cross_attention(self, x, kv, frame_mask, context_mask):
-        b = x.shape[0]
-        k, v = kv  # [B, L, P, H, Dh]
+        """kv: the keys and values (k, v), each [B, L, P, H, Dh], or the `VideoTokens` to make them
+        of; a frame-aligned cross-attention then absorbs the projection instead where that costs
+        fewer FLOPs (sabr_jax.cross_attention)."""
+        cfg, tokens = self.cfg, kv if isinstance(kv, VideoTokens) else None
         q = self.cross_q(x)  # [B, L, S, H, Dh]
-        if self.cross == "frame":
-            mask = None
-            if self.cfg.cross_window:
-                (k, mask), (v, _) = (window(a, frame_mask, context_mask, self.cfg.cross_window) for a in (k, v))
-            if self.cfg.cross_route:
-                n = self.cfg.route_frames
-                return self.cross_out(attend_with_route(q, k, v, mask, kv[0][:, :n], kv[1][:, :n], context_mask[:, :n]))
+        if self.cross == "patch_time":  # S == 1; the P patch positions are the key groups
+            k, v = kv if tokens is None else tokens.project()
+            out = group_mean_attention(q[:, :, 0], k, v, frame_mask, implementation=cfg.attention)
+            return self.cross_out(out[:, :, None])
+        if tokens is not None:  # absorbed: the tokens stand for the keys and the values
+            kv = (tokens.emb,) if self.absorbs(tokens.emb.shape[2]) else tokens.project()
+        route_frames = cfg.route_frames if cfg.cross_route else 0
+        route = (*(a[:, :route_frames] for a in kv), context_mask[:, :route_frames]) if route_frames else None
+        mask = None
+        if cfg.cross_window:
+            kv, masks = zip(*(window(a, frame_mask, context_mask, cfg.cross_window) for a in kv))
+            mask = masks[0]
+        if len(kv) == 1:
+            out = absorbed_attention(q, VideoTokens(kv[0], tokens.projection), mask, route)
+        elif route is not None:
+            out = frame_attention(q, *kv, mask, route, scale=q.shape[-1] ** -0.5)
+        else:
             fold = lambda a: rearrange(a, "b l n h d -> (b l) n h d")
             mask = None if mask is None else rearrange(mask, "b l k -> (b l) k")
-            out = dot_product_attention(fold(q), fold(k), fold(v), mask, implementation=self.cfg.attention)
-            out = rearrange(out, "(b l) s h d -> b l s h d", b=b)
-        else:  # patch_time: S == 1; the P patch positions are the key groups
-            out = group_mean_attention(q[:, :, 0], k, v, frame_mask, implementation=self.cfg.attention)[:, :, None]
+            out = dot_product_attention(*(fold(a) for a in (q, *kv)), mask, implementation=cfg.attention)
+            out = rearrange(out, "(b l) s h d -> b l s h d", b=x.shape[0])
         return self.cross_out(out)
 
     def __call__(self, x, c, kv, frame_mask, context_mask):
-        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`; frame_mask and
+        """x [B, L, S, D]; c [B, D] timestep embedding; kv from `video_kv`, or `VideoTokens`; frame_mask and
         context_mask [B, L] (the route images are where context_mask is True)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)
         # `whole`: each layer's input is whole on every tensor shard (Megatron; sabr_jax.sharding)
@@ -306,6 +284,17 @@ class BlockPair(nnx.Module):
         return self.spatial.video_kv(video_emb), self.temporal.video_kv(video_emb)
 
     def __call__(self, x, c, kv, frame_mask, context_mask):
+        """kv from `video_kv`, or the video tokens [B, L, P, D]: then each block reads them
+        through its own key/value projection (or, with `kv_share`, the spatial block's)."""
+        if isinstance(kv, jax.Array):
+            patches = kv.shape[2]
+            if self.temporal.cross_kv is None and not (
+                self.spatial.absorbs(patches) and self.temporal.absorbs(patches)
+            ):
+                kv = (self.spatial.video_kv(kv),)  # kv_share: a block projects, so both read that projection
+            else:
+                own = self.spatial.cross_kv if self.temporal.cross_kv is None else self.temporal.cross_kv
+                kv = (VideoTokens(kv, self.spatial.cross_kv), VideoTokens(kv, own))
         x = self.spatial(x, c, kv[0], frame_mask, context_mask)
         return self.temporal(x, c, kv[-1], frame_mask, context_mask)
 
@@ -345,7 +334,8 @@ class DiT(nnx.Module):
     """Video-conditioned motion diffusion transformer.
 
     Use: `emb = model.embed_video(video)`; then either `model(x, t, masks..., video_emb=emb)`
-    (training: each block projects its keys/values itself) or `kv = model.video_kv(emb)`
+    (training: each block reads the tokens through its key/value projection, or absorbs the
+    projection where that is cheaper: sabr_jax.cross_attention) or `kv = model.video_kv(emb)`
     once per video and `model(x, t, masks..., kv=kv)` for every sampling step.
     """
 
@@ -449,12 +439,11 @@ class DiT(nnx.Module):
         h = self.embed_motion(x, context_mask)
 
         def step(h, pair, i):
-            computed = lambda: pair.video_kv(video_emb)
             from_cache = lambda: jax.tree.map(lambda a: a[jnp.minimum(i, cached - 1)], kv)
             if cached in (0, pairs):
-                pair_kv = from_cache() if cached else computed()
+                pair_kv = from_cache() if cached else video_emb  # the blocks read video_emb themselves
             else:  # the first `cached` pairs read the cache, the others compute their keys/values
-                pair_kv = jax.lax.cond(i < cached, from_cache, computed)
+                pair_kv = jax.lax.cond(i < cached, from_cache, lambda: pair.video_kv(video_emb))
             return pair(h, c, pair_kv, frame_mask, context_mask)
 
         if self.cfg.remat != "none":
