@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = [
     "--config.synth.clips=5",
@@ -27,6 +29,7 @@ def run_demo(workdir, *extra):
     )
 
 
+@pytest.mark.slow  # ~80 s; CI runs the full sabr-demo itself (its first command)
 def test_short_demo_runs_end_to_end_and_resumes(tmp_path):
     done = run_demo(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

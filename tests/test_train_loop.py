@@ -226,7 +226,8 @@ def _poison_batch(monkeypatch, bad_batch):
     monkeypatch.setattr(loop.pipeline, "dataset", dataset)
 
 
-@pytest.mark.parametrize("mode", ["stop", "skip"])
+# "skip" ~37 s: in CI, test_train_robust's consecutive skips and test_train_sharded's skipped step cover it
+@pytest.mark.parametrize("mode", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
 def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch, capsys, mode):
     from sabr_jax import checkpoint, sharding
     from sabr_jax.loop import train

@@ -94,6 +94,7 @@ def test_sharded_steps_match_one_device():
     assert "'fsdp'" in specs and "'tensor'" in specs, specs
 
 
+@pytest.mark.slow  # ~45 s; in CI, test_loss_weighting checks accumulation (over unequal micro-batches)
 def test_grad_accum_equals_full_batch():
     cfg = tiny_config()
     data = batches(cfg, 2)
