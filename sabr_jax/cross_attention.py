@@ -15,7 +15,7 @@ e [B, L, N, D] through a block's key/value projection (Wk, bk, Wv, bv; W [D, H, 
 
   which never projects the N tokens. Per frame it costs 4 S D^2 + 4 S H N D FLOPs forward
   against 4 P D^2 + 4 S N D: cheaper when S H is small against D (the frame layout's spatial
-  block, S = 1: 60x fewer at S size; the slots layout, S = 27: 2.4x fewer). `absorbs` decides.
+  block, S = 1: 59x fewer at S size; the slots layout, S = 27: 2.3x fewer). `absorbs` decides.
   The model absorbs where it is cheaper and no cache is given (training, the uncached forward).
 """
 

@@ -237,15 +237,16 @@ class Block(nnx.Module):
             k, v = kv if tokens is None else tokens.project()
             out = group_mean_attention(q[:, :, 0], k, v, frame_mask, implementation=cfg.attention)
             return self.cross_out(out[:, :, None])
-        if tokens is not None:  # absorbed: the tokens stand for the keys and the values
-            kv = (tokens.emb,) if self.absorbs(tokens.emb.shape[2]) else tokens.project()
+        absorbed = tokens is not None and self.absorbs(tokens.emb.shape[2])
+        if tokens is not None:  # absorbed, the tokens stand for the keys and the values
+            kv = (tokens.emb,) if absorbed else tokens.project()
         route_frames = cfg.route_frames if cfg.cross_route else 0
         route = (*(a[:, :route_frames] for a in kv), context_mask[:, :route_frames]) if route_frames else None
         mask = None
         if cfg.cross_window:
             kv, masks = zip(*(window(a, frame_mask, context_mask, cfg.cross_window) for a in kv))
             mask = masks[0]
-        if len(kv) == 1:
+        if absorbed:
             out = absorbed_attention(q, VideoTokens(kv[0], tokens.projection), mask, route)
         elif route is not None:
             out = frame_attention(q, *kv, mask, route, scale=q.shape[-1] ** -0.5)
