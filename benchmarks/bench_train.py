@@ -3,11 +3,16 @@
     python benchmarks/bench_train.py                          # sabr_s, frame and slots, 64 and 128 frames
     python benchmarks/bench_train.py --variant base: --variant share:model.kv_share=True --json train.json
     python benchmarks/bench_train.py --config configs/sabr_l.py --frames 1100 --flops_only
+    python benchmarks/bench_train.py --frames 64 --ceiling    # + each matmul of the step timed alone
 
 Per case (row): the median step after warm-up, examples/s, matrix-multiply GFLOP per step
 (sabr_jax.flops.jaxpr_flops on the traced step: forward, backward, recompute), the achieved
 GFLOP/s and its fraction of the matmul peak measured in the same run for the compute dtype
-(all devices), the compiled memory per device and the compile time.
+(all devices), the compiled memory per device and the compile time. With `--ceiling`, also the
+step's ceiling: its matmul FLOPs over the seconds its matrix multiplies take when each runs alone
+(`harness.matmul_seconds`), as a fraction of the peak. A step at its ceiling loses nothing to the
+rest (softmax, copies, transposes); below it, the gap is the rest; the ceiling's own gap to 1 is
+the shapes of the matmuls (thin, small or batched ones run below the square matmul's peak).
 
 Default set-up (the issue's measurement; every item is a `--config.KEY=VALUE` away): configs/sabr_s.py
 (width 384, 12 blocks, 6 heads; 700 patches of width 384) on the in-memory synthetic source with
@@ -42,7 +47,7 @@ from sabr_jax import sharding  # noqa: E402
 from sabr_jax.cli import UserError, run  # noqa: E402
 from sabr_jax.data.sources import open_source  # noqa: E402
 from sabr_jax.dry_run import abstract_batch  # noqa: E402
-from sabr_jax.flops import compile_abstract, compiled_bytes, jaxpr_flops  # noqa: E402
+from sabr_jax.flops import compile_abstract, compiled_bytes, matmuls, total_flops  # noqa: E402
 from sabr_jax.loop import process_batches  # noqa: E402
 from sabr_jax.trainer import Trainer  # noqa: E402
 
@@ -58,6 +63,12 @@ _VARIANTS = flags.DEFINE_multi_string(
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per case (after the warm-up steps).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps per case after its compile.")
 _FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Compile and count FLOPs and memory; time nothing.")
+_CEILING = flags.DEFINE_bool(
+    "ceiling",
+    False,
+    "Also time each of the step's matrix multiplies alone (harness.matmul_seconds): the step's ceiling, "
+    "its matmul FLOPs over their seconds alone, as a fraction of the peak.",
+)
 
 # The issue's measurement set-up, applied unless the command line sets the key.
 DEFAULTS = {
@@ -78,6 +89,7 @@ COLUMNS = (
     ("gflop_per_step", "GFLOP/step", ".4g"),
     ("gflop_per_s", "GFLOP/s", ".4g"),
     ("peak_fraction", "of peak", ".2f"),
+    ("ceiling", "ceiling, of peak", ".2f"),
     ("memory_gib", "GiB/device", ".2f"),
     ("compile_s", "compile (s)", ".1f"),
     ("note", "note", ""),
@@ -121,8 +133,9 @@ def device_batches(cfg, trainer: Trainer, mesh, spec: dict, count: int) -> list[
 
 
 def compile_step(cfg):
-    """-> (trainer, mesh, abstract batch, compiled train step or None, FLOPs per step, compile s).
-    The step is None where XLA refuses it for the device's memory (its FLOPs are still counted)."""
+    """-> (trainer, mesh, abstract batch, compiled train step or None, its matrix multiplies
+    (`flops.matmuls`), compile s). The step is None where XLA refuses it for the device's memory
+    (its matmuls are still counted)."""
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     spec = abstract_batch(cfg, trainer.batch_sharding)
@@ -134,7 +147,7 @@ def compile_step(cfg):
             raise
         with jax.set_mesh(mesh):
             traced, step = trainer.jit_train_step.trace(trainer.abstract_state(), spec), None
-    return trainer, mesh, spec, step, jaxpr_flops(traced.jaxpr), time.perf_counter() - start
+    return trainer, mesh, spec, step, matmuls(traced.jaxpr), time.perf_counter() - start
 
 
 def measure_case(
@@ -147,13 +160,17 @@ def measure_case(
     flops_only: bool = False,
     max_step_s: float = math.inf,
     seconds_per_flop: float | None = None,
+    ceiling: bool = False,
 ) -> dict:
     """One row: compile cfg's train step ahead of time, count its FLOPs and memory, and time it
     (median of `steps` after `warmup`) unless flops_only, its memory per device exceeds `budget`
     bytes, or flops x seconds_per_flop (a prediction, when given) exceeds max_step_s; a row that
     is not timed says why in 'note'. Times in s, FLOPs in GFLOP, memory in GiB per device;
-    peak_fraction is the achieved FLOP/s over peaks[compute dtype] x the device count."""
-    trainer, mesh, spec, step, flops, compile_s = compile_step(cfg)
+    peak_fraction is the achieved FLOP/s over peaks[compute dtype] x the device count; with
+    `ceiling`, a timed row also gets the step's matmuls timed alone (`harness.matmul_seconds`, on
+    one device: 'matmul_s' for the whole step's, 'ceiling' their FLOP/s as a fraction of the peak)."""
+    trainer, mesh, spec, step, counts, compile_s = compile_step(cfg)
+    flops = total_flops(counts)
     nbytes = None if step is None else compiled_bytes(step)
     row = {
         "layout": cfg.model.layout,
@@ -194,6 +211,9 @@ def measure_case(
         gflop_per_s=rate / 1e9,
         peak_fraction=rate / (peaks[cfg.model.dtype] * jax.device_count()),
     )
+    if ceiling:
+        row["matmul_s"] = harness.matmul_seconds(counts) / jax.device_count()
+        row["ceiling"] = flops / row["matmul_s"] / (peaks[cfg.model.dtype] * jax.device_count())
     return row
 
 
@@ -230,7 +250,13 @@ def main(argv) -> None:
     rows = []
     for name, cfg in cases:
         row = measure_case(
-            cfg, peaks, steps=_STEPS.value, warmup=_WARMUP.value, budget=budget, flops_only=_FLOPS_ONLY.value
+            cfg,
+            peaks,
+            steps=_STEPS.value,
+            warmup=_WARMUP.value,
+            budget=budget,
+            flops_only=_FLOPS_ONLY.value,
+            ceiling=_CEILING.value,
         )
         rows.append({"variant": name, **row})
         progress(rows[-1])

@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sabr_jax.cli import UserError
+from sabr_jax.flops import Matmul
 
 GIB = 2**30
 
@@ -51,6 +52,26 @@ def matmul_peak(dtype: str, n: int = 0, calls: int = 10) -> float:
     matmul(a, b).block_until_ready()  # the compile
     _, seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), calls, warmup=1)
     return 2.0 * n**3 / min(seconds)
+
+
+def matmul_seconds(counts: Mapping[Matmul, int], calls: int = 3) -> float:
+    """Seconds a program's matrix multiplies (`flops.matmuls`: how often each runs) take when each
+    runs alone on the first device: per distinct dot_general, the fastest of `calls` jitted calls
+    after a compile, times its count. Convolutions are left out.
+
+    Over the program's dot FLOPs this is the fastest the program could run if nothing else took
+    time: its ceiling, which shows how much of the gap to the peak is the shapes of its matmuls
+    (small, batched, thin) and how much everything else (softmax, copies, transposes).
+    """
+    return sum(count * _dot_seconds(m, calls) for m, count in counts.items() if m.dimension_numbers is not None)
+
+
+def _dot_seconds(m: Matmul, calls: int) -> float:
+    """The fastest of `calls` jitted calls of one dot_general (operands of ones), after its compile."""
+    lhs, rhs = jnp.ones(m.lhs, m.dtype), jnp.ones(m.rhs, m.dtype)
+    dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, m.dimension_numbers, preferred_element_type=m.out_dtype))
+    dot(lhs, rhs).block_until_ready()  # the compile
+    return min(median_seconds(lambda: dot(lhs, rhs).block_until_ready(), calls, warmup=0)[1])
 
 
 def measure_peaks(dtypes: Sequence[str]) -> dict[str, float]:

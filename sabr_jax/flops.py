@@ -11,10 +11,13 @@ ahead of time (the dry run's, the sampler's).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
+from typing import NamedTuple
 
 import jax
+import jax.extend
 
 
 def _sub_jaxprs(params):
@@ -26,43 +29,72 @@ def _sub_jaxprs(params):
                 yield v
 
 
-def jaxpr_flops(jaxpr) -> float:
-    """Matrix-multiply FLOPs (2 per multiply-add) of a (closed) jaxpr, whole program.
+class Matmul(NamedTuple):
+    """One matrix multiply of a program: a dot_general's operand shapes, dimension numbers and
+    dtypes (a convolution: `dimension_numbers` None, only `flops` is meaningful)."""
+
+    lhs: tuple[int, ...]
+    rhs: tuple[int, ...]
+    dimension_numbers: tuple | None
+    dtype: str
+    out_dtype: str
+    flops: float  # 2 per multiply-add
+
+
+def matmuls(jaxpr) -> collections.Counter[Matmul]:
+    """The matrix multiplies of a (closed) jaxpr, whole program -> how many times each runs.
 
     Loops count their length times (scan; a while loop, whose length is unknown, once),
     a cond its most expensive branch, a shard_map body once per shard, a Pallas kernel
     once per grid point.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
+    counts = collections.Counter()
     for eqn in jaxpr.eqns:
         name, params = eqn.primitive.name, eqn.params
-        if name == "dot_general":
-            (contract, _), _ = params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        if name in ("dot_general", "conv_general_dilated"):
+            lhs, rhs, out = eqn.invars[0].aval, eqn.invars[1].aval, eqn.outvars[0].aval
+            if name == "dot_general":
+                dims = params["dimension_numbers"]  # ((lhs, rhs contracting), (lhs, rhs batch))
+                flops = 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in dims[0][0])
+            else:  # rhs: (out features, in features / groups, *window), permuted
+                dims = None
+                flops = (
+                    2.0
+                    * math.prod(out.shape)
+                    * math.prod(rhs.shape)
+                    / rhs.shape[params["dimension_numbers"].rhs_spec[0]]
+                )
+            counts[Matmul(lhs.shape, rhs.shape, dims, str(lhs.dtype), str(out.dtype), flops)] += 1
             continue
-        if name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape  # (out features, in features / groups, *window), permuted
-            out_dim = params["dimension_numbers"].rhs_spec[0]
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[out_dim]
-            continue
-        subs = [jaxpr_flops(j) for j in _sub_jaxprs(params)]
+        subs = [matmuls(j) for j in _sub_jaxprs(params)]
         if not subs:
             continue
         if name == "cond":
-            total += max(subs)
-        elif name == "scan":
-            total += params["length"] * sum(subs)
+            counts += max(subs, key=total_flops)
+            continue
+        times = 1
+        if name == "scan":
+            times = params["length"]
         elif name == "shard_map":
             mesh, axes = params["mesh"], params.get("manual_axes") or params.get("axis_names") or ()
-            total += math.prod(mesh.shape[a] for a in axes) * sum(subs)
+            times = math.prod(mesh.shape[a] for a in axes)
         elif name == "pallas_call":
-            grid = getattr(params.get("grid_mapping"), "grid", ()) or ()
-            total += math.prod(int(g) for g in grid) * sum(subs)
-        else:  # jit, remat, custom_jvp/vjp, while (body once), ...
-            total += sum(subs)
-    return total
+            times = math.prod(int(g) for g in getattr(params.get("grid_mapping"), "grid", ()) or ())
+        for sub in subs:  # jit, remat, custom_jvp/vjp, while (body once), ...
+            for m, n in sub.items():
+                counts[m] += times * n
+    return counts
+
+
+def total_flops(counts: collections.Counter[Matmul]) -> float:
+    """The FLOPs of `matmuls`' counts."""
+    return sum(m.flops * n for m, n in counts.items())
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matrix-multiply FLOPs (2 per multiply-add) of a (closed) jaxpr, whole program (`matmuls`)."""
+    return total_flops(matmuls(jaxpr))
 
 
 def compile_abstract(jitted, *args, mesh=None):

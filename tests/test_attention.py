@@ -164,6 +164,27 @@ def test_group_mean_attention_in_chunks_matches(monkeypatch):
         assert_close(g, g_ref, 2e-5)
 
 
+def test_group_mean_attention_chunks_keep_nothing_for_the_backward(monkeypatch):
+    """The chunk scan is rematerialised: in the gradient's program the forward scan returns only
+    its running sum, no per-chunk scores or key/value slices stacked for the backward pass."""
+    q, k, v, mask = group_inputs(groups=5, seed=8)
+    monkeypatch.setattr(attention, "_GROUP_CHUNK_BYTES", 2 * 4 * 3 * 2 * 20 * 24)  # 3 chunks of 2 groups
+    loss = lambda q, k, v: jnp.sum(attention.group_mean_attention(q, k, v, mask, implementation="xla"))
+    scans = [
+        e for e in jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr.eqns if e.primitive.name == "scan"
+    ]
+    assert len(scans) == 2  # forward, backward
+    assert [o.aval.shape for o in scans[0].outvars] == [q.shape]
+
+
+def test_group_chunk_divides_the_groups_when_it_can():
+    assert attention._group_chunk(700, 42) == 35  # sabr_s: 20 chunks, no padding
+    assert attention._group_chunk(700, 1000) == 700
+    assert attention._group_chunk(7, 4) == 4  # 7 is prime: 2 chunks, the last padded
+    assert attention._group_chunk(5, 2) == 2  # a divisor of half the budget does not pay
+    assert attention._group_chunk(5, 0) == 1
+
+
 def test_group_mean_attention_longer_keys_run_per_group(monkeypatch):
     """Keys longer than _GROUP_MERGE_MAX_LEN take the per-group path: the same values; its dots
     are batched over examples x groups."""

@@ -69,9 +69,31 @@ def test_matmul_peak_and_memory_budget():
     assert 0 < harness.memory_budget(0) < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def test_matmul_seconds_times_each_matmul_alone():
+    from sabr_jax.flops import Matmul
+
+    dot = Matmul((64, 128), (128, 96), (((1,), (0,)), ((), ())), "float32", "float32", 2.0 * 64 * 128 * 96)
+    batched = Matmul((4, 8, 16), (4, 16, 8), (((2,), (1,)), ((0,), (0,))), "float32", "float32", 2.0 * 4 * 8 * 16 * 8)
+    conv = Matmul((1, 3, 8, 8), (4, 3, 3, 3), None, "float32", "float32", 1e6)
+    assert harness.matmul_seconds({dot: 2, batched: 1}) > 0
+    assert harness.matmul_seconds({conv: 5}) == 0  # convolutions are left out
+
+
 def test_bench_train_times_a_case_as_a_fraction_of_the_peak(tmp_path):
     report = bench(
-        tmp_path, "bench_train.py", "--config", DEMO, "--layouts", "frame", "--frames", 8, "--steps", 1, "--warmup", 0
+        tmp_path,
+        "bench_train.py",
+        "--config",
+        DEMO,
+        "--layouts",
+        "frame",
+        "--frames",
+        8,
+        "--steps",
+        1,
+        "--warmup",
+        0,
+        "--ceiling",
     )
     (row,) = report["rows"]
     assert (row["layout"], row["variant"], row["frames"], row["patches"], row["batch"]) == ("frame", "base", 8, 8, 1)
@@ -79,6 +101,9 @@ def test_bench_train_times_a_case_as_a_fraction_of_the_peak(tmp_path):
     assert row["step_s"] > 0 and row["examples_per_s"] == pytest.approx(1 / row["step_s"])
     assert row["gflop_per_s"] == pytest.approx(row["gflop_per_step"] / row["step_s"])
     assert 0 < row["peak_fraction"] < 10
+    assert row["matmul_s"] > 0 and row["ceiling"] == pytest.approx(
+        row["gflop_per_step"] * 1e9 / row["matmul_s"] / report["header"]["peak_flops"]["float32"]
+    )
     assert "batch=1" in report["header"]["config"] and "dtype=float32" in report["header"]["config"]
 
 

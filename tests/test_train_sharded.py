@@ -186,6 +186,23 @@ def test_jaxpr_flops_counts_scan_trips():
     assert jaxpr_flops(grad) >= 2 * 2 * 8 * 16 * 16  # forward (+ recompute) + backward w.r.t. x
 
 
+def test_matmuls_lists_each_shape_with_its_count():
+    """`flops.matmuls`: each distinct dot_general once, counted over scan trips; a cond counts its
+    most expensive branch; jaxpr_flops is their total."""
+    from sabr_jax.flops import jaxpr_flops, matmuls
+
+    x, w = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
+
+    def f(x, w):
+        y = jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0]
+        return jax.lax.cond(y[0, 0] > 0, lambda y: y @ jnp.ones((16, 32)), lambda y: y[:, :4] @ jnp.ones((4, 32)), y)
+
+    counts = matmuls(jax.make_jaxpr(f)(x, w))
+    assert {(m.lhs, m.rhs, n) for m, n in counts.items()} == {((8, 16), (16, 16), 5), ((8, 16), (16, 32), 1)}
+    assert all(m.dtype == m.out_dtype == "float32" for m in counts)
+    assert jaxpr_flops(jax.make_jaxpr(f)(x, w)) == 5 * 2 * 8 * 16 * 16 + 2 * 8 * 16 * 32
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["equivalence"]:
         _equivalence_child()
