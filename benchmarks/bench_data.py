@@ -30,13 +30,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import grain  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sabr_jax.data import (
-    pipeline,  # noqa: E402
-    tfds_source,  # noqa: E402
-)
-from sabr_jax.data import prepare as P  # noqa: E402
-from sabr_jax.data import prepared as prep  # noqa: E402
-from sabr_jax.data.prepare_settings import Settings  # noqa: E402
+from sabr_jax.data import pipeline  # noqa: E402
+from sabr_jax.data.prepare import build as P  # noqa: E402
+from sabr_jax.data.prepare.settings import Settings  # noqa: E402
+from sabr_jax.data.store import prepared as prep  # noqa: E402
+from sabr_jax.data.store import tfds_source  # noqa: E402
 from sabr_jax.data.video import pool_tokens  # noqa: E402
 from sabr_jax.motion import MOTION_DIM  # noqa: E402
 

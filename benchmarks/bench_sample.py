@@ -12,7 +12,7 @@ parameters and tokens are random: the time does not depend on their values. The 
 cache follows the config's sample.kv_cache; 'auto' caches the most blocks whose compiled sampler
 fits `--max_gib` (default: 80% of the device's memory, on a CPU of the host's RAM).
 
-FLOPs (matrix multiplies) come from the sampler's own jaxpr (sabr_jax.flops.jaxpr_flops), traced
+FLOPs (matrix multiplies) come from the sampler's own jaxpr (sabr_jax.parallel.flops.jaxpr_flops), traced
 for 1 and 2 steps: their difference is one denoising step (the model forward as the sampler calls
 it, guidance included), the rest is the once-per-clip set-up (the cached video keys/values). The
 fraction of peak is the achieved FLOP/s of the timed runs (set-up included) over the matmul peak
@@ -38,11 +38,11 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sabr_jax import config as config_lib  # noqa: E402
-from sabr_jax.cli import run  # noqa: E402
+from sabr_jax.cli.console import run  # noqa: E402
 from sabr_jax.data.sources import resolve_shapes  # noqa: E402
-from sabr_jax.flops import jaxpr_flops  # noqa: E402
-from sabr_jax.sampling import make_sampler  # noqa: E402
-from sabr_jax.trainer import build_model  # noqa: E402
+from sabr_jax.diffusion.sampling import make_sampler  # noqa: E402
+from sabr_jax.model.factory import build_model  # noqa: E402
+from sabr_jax.parallel.flops import jaxpr_flops  # noqa: E402
 
 flags.adopt_module_key_flags(harness)  # --help lists --json, --max_gib, --peak_n
 _CONFIG = config_flags.DEFINE_config_file(

@@ -28,7 +28,7 @@ import harness  # noqa: E402
 import matplotlib  # noqa: E402
 from absl import flags  # noqa: E402
 
-from sabr_jax.cli import run  # noqa: E402
+from sabr_jax.cli.console import run  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

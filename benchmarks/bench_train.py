@@ -6,7 +6,7 @@
     python benchmarks/bench_train.py --frames 64 --ceiling    # + each matmul of the step timed alone
 
 Per case (row): the median step after warm-up, examples/s, matrix-multiply GFLOP per step
-(sabr_jax.flops.jaxpr_flops on the traced step: forward, backward, recompute), the achieved
+(sabr_jax.parallel.flops.jaxpr_flops on the traced step: forward, backward, recompute), the achieved
 GFLOP/s and its fraction of the matmul peak measured in the same run for the compute dtype
 (all devices), the compiled memory per device and the compile time. With `--ceiling`, also the
 step's ceiling: its matmul FLOPs over the seconds its matrix multiplies take when each runs alone
@@ -43,13 +43,14 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sabr_jax import config as config_lib  # noqa: E402
-from sabr_jax import sharding  # noqa: E402
-from sabr_jax.cli import UserError, run  # noqa: E402
+from sabr_jax.cli.console import run  # noqa: E402
+from sabr_jax.data.pipeline import abstract_batch  # noqa: E402
 from sabr_jax.data.sources import open_source  # noqa: E402
-from sabr_jax.dry_run import abstract_batch  # noqa: E402
-from sabr_jax.flops import compile_abstract, compiled_bytes, matmuls, total_flops  # noqa: E402
-from sabr_jax.loop import process_batches  # noqa: E402
-from sabr_jax.trainer import Trainer  # noqa: E402
+from sabr_jax.errors import UserError  # noqa: E402
+from sabr_jax.parallel import sharding  # noqa: E402
+from sabr_jax.parallel.flops import compile_abstract, compiled_bytes, matmuls, total_flops  # noqa: E402
+from sabr_jax.training.loop import process_batches  # noqa: E402
+from sabr_jax.training.trainer import Trainer  # noqa: E402
 
 flags.adopt_module_key_flags(harness)  # --help lists --json, --max_gib, --peak_n
 _CONFIG = config_flags.DEFINE_config_file(

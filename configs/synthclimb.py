@@ -1,4 +1,4 @@
-"""SynthClimb, the longer run (1-2 h on 2 CPU cores; README, "The longer run"): more walls, a wider model, more steps.
+"""SynthClimb, the longer run (1-2 h on 2 CPU cores; docs/synthclimb.md): more walls, a wider model, more steps.
 
 sabr-demo --config configs/synthclimb.py --workdir runs/synthclimb
 """

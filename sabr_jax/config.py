@@ -6,12 +6,17 @@ config before sabr-train and sabr-demo use it.
 """
 
 import functools
+import json
+import math
 import os
 
 import ml_collections
 
-from sabr_jax.cli import UserError
-from sabr_jax.diffusion import LOSS_WEIGHTINGS
+from sabr_jax.data.route_oracle import ROUTE_TOKENS
+from sabr_jax.diffusion.gaussian import LOSS_WEIGHTINGS, SAMPLING_METHODS
+from sabr_jax.errors import UserError
+from sabr_jax.model.attention import IMPLEMENTATIONS
+from sabr_jax.model.dit_config import DTYPES, LAYOUTS, REMAT_POLICIES
 
 # data.num_patches and model.video_dim follow from how the data was prepared (encoder, --pool).
 # UNSET (0) leaves them to the data: with data.source='tfds' they are read from the prepared
@@ -31,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the newest K checkpoints are kept
     c.eval_every = 0  # steps between validation figures (EMA params, held-out clips; in that step's record); 0: never. Also at the last step
     c.eval_batches = 2  # global batches of the validation split, drawn once, that every evaluation averages over
+    # with eval_every > 0, WORKDIR/best holds the EMA parameters of the evaluation with the lowest validation x0 MSE
+    c.early_stop_evals = 0  # > 0: stop once this many evaluations in a row found no lower validation x0 MSE
+    c.export_from = "newest"  # what sabr-train --export and sabr-demo export: 'newest' (the last EMA) or 'best'
     c.batch_size = 16  # global batch, whatever the number of devices
     c.grad_accum = 1  # micro-batches per step (the global batch is split into them)
     c.ema_decay = 0.9999
@@ -58,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
             # sin-cos position is added to them, so that the model knows where a token is; () adds none (the authors' model)
             video_norm=False,  # standardise each channel of a frame's video tokens over its patches (what differs between them)
             cross_norm_affine=False,  # a learned scale and bias in the norm before the cross-attention (the authors': none)
-            # cheaper video conditioning (README, "Performance"): N > 0 condenses each frame's tokens to N latents once
+            # cheaper video conditioning (docs/performance.md): N > 0 condenses each frame's tokens to N latents once
             # per forward (a resampler), so the blocks project keys/values from N tokens, not data.num_patches
             video_latents=0,
             kv_share=False,  # the two blocks of a pair share one video key/value projection (half the projections)
@@ -76,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
             guidance_scale=1.0,  # classifier-free guidance; 1 = none (needs cond_drop_prob > 0 in training)
             # video keys/values computed once per video for the first K blocks, the others at every step:
             # 'all', 'none', an even block count K as a string (--config.sample.kv_cache=14), or 'auto': the
-            # most that fit this device's memory (sabr_jax.sampling.plan_kv_cache; sabr-sample --dry_run shows it)
+            # most that fit this device's memory (sabr_jax.diffusion.kv_cache.plan_kv_cache; sabr-sample --dry_run shows it)
             kv_cache="auto",
         )
     )
@@ -100,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
             context_frames=16,  # at most this many route frames are used as the prompt
             num_patches=UNSET,  # video tokens per frame (20x35 DINOv2 patches; 180 with sabr-prepare --pool 2); UNSET (0): the dataset's
             num_workers=0,  # Grain worker processes (0: read in the training process)
+            # 'images': the route images' tokens; 'oracle': the route's hold centres as exact tokens instead, a
+            # diagnosis of what the DiT learns when reading the route costs nothing (sabr_jax.data.route_oracle)
+            route_tokens="images",
+            train_clips=0,  # > 0: train on the first N clips of the train split only (data-scaling studies); 0: all
             num_clips=64,
             min_clip_frames=48,
             max_clip_frames=1200,  # synthetic source only
@@ -110,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def demo_config() -> ml_collections.ConfigDict:
-    """A tiny model on the in-memory synthetic source (sabr_jax.data.synthetic): for tests and benchmarks."""
+    """A tiny model on the in-memory synthetic source (sabr_jax.data.synthetic_source): for tests and benchmarks."""
     c = base_config()
     c.total_steps = 400
     c.log_every = 50
@@ -127,8 +139,8 @@ def demo_config() -> ml_collections.ConfigDict:
 
 
 def synthclimb_config(demo: bool = True) -> ml_collections.ConfigDict:
-    """SynthClimb (sabr_jax.data.synth): `demo=True` is what sabr-demo runs (a tiny model, trains
-    on 2 CPU cores in minutes); `demo=False` is configs/synthclimb.py, 512 walls and 6000 steps (README: 115 min
+    """SynthClimb (sabr_jax.data.synthclimb.synth): `demo=True` is what sabr-demo runs (a tiny model, trains
+    on 2 CPU cores in minutes); `demo=False` is configs/synthclimb.py, 512 walls and 6000 steps (docs/synthclimb.md: 115 min
     on the same CPU, shared with other work; about 1 h at its fastest step rate).
 
     The `synth` block says how sabr-demo writes and prepares the benchmark: clips (one wall
@@ -138,19 +150,23 @@ def synthclimb_config(demo: bool = True) -> ml_collections.ConfigDict:
     c = base_config()
     c.synth = ml_collections.ConfigDict(
         dict(
-            clips=128,  # walls; validation_fraction of them are held out
-            validation_fraction=0.2,
+            # walls; validation_fraction of them are held out. 512, not 128: at 2000 steps the demo's model
+            # overfits 102 train walls and reads the route far better from 460 (docs/learning.md)
+            clips=512,
+            validation_fraction=0.1,
             size=(112, 196),  # video H, W in pixels
             holds=6,  # route holds per wall; the climb lasts 8 + 16 * (holds - 2) frames at 24 FPS
             encoder="random-tiny",  # a DINOv2-with-registers checkpoint path, or seeded random weights (random-tiny, random-s)
             encoder_size=(112, 196),  # encoder input H, W (multiples of 14): an 8x14 patch grid
             pool=2,  # sabr-prepare --pool: 2x2 average pooling of the patch tokens (8x14 -> 4x7 = 28 per frame)
             pan=False,  # slow camera pan/zoom
+            mirror=False,  # sabr-prepare --mirror: the train walls' mirror images too
         )
     )
     c.total_steps = 2000
     c.log_every = 100
     c.eval_every = 500
+    c.export_from = "best"  # the EMA of the lowest validation x0 MSE (WORKDIR/train/best)
     c.checkpoint_every = 500
     c.placement_weight = 20.0
     c.batch_size = 8
@@ -168,12 +184,12 @@ def synthclimb_config(demo: bool = True) -> ml_collections.ConfigDict:
         cross_route=True,
         route_adaln=True,
         video_norm=True,
-        cross_norm_affine=True,  # README, "SynthClimb": without it the demo's model does not read the video in 2000 steps
+        cross_norm_affine=True,  # docs/synthclimb.md: without it the demo's model does not read the video in 2000 steps
     )
     c.optim.update(lr=1e-3, warmup_steps=100, clip_norm=1.0)
     c.sample.update(steps=50)
     c.data.update(source="tfds", max_frames=80, context_frames=2)
-    if not demo:  # measured: README, "The longer run"
+    if not demo:  # measured: docs/synthclimb.md, "The longer run"
         c.synth.update(clips=512, validation_fraction=0.1)
         c.total_steps = 6000
         c.eval_every = 1000
@@ -196,17 +212,55 @@ def get_config(name: str = "synthclimb_demo") -> ml_collections.ConfigDict:
     return presets[name]()
 
 
-# What validate() checks: keys with a fixed set of values, integer keys >= 1 and >= 0.
+# Keys added after the first checkpoints were written, with the value that reproduces what a run
+# written before them did: a saved config (a checkpoint's or an export's) that lacks one reads it so
+# (`upgrade`), so that old exports keep loading and old checkpoints keep resuming.
+ADDED_KEYS = {
+    "model.cross_route": False,
+    "model.route_adaln": False,
+    "model.patch_grid": (),
+    "model.video_norm": False,
+    "model.cross_norm_affine": False,
+    "model.video_latents": 0,
+    "model.kv_share": False,
+    "placement_weight": 1.0,
+    "loss_weighting": "clip",  # each clip's mean over its frames, then the mean over clips
+    "max_consecutive_skips": 10,
+    "eval_every": 0,
+    "eval_batches": 2,
+    "early_stop_evals": 0,
+    "export_from": "newest",
+    "data.route_tokens": "images",
+    "data.train_clips": 0,
+}
+
+
+def upgrade(saved: dict) -> dict:
+    """A saved config (JSON dict) with every key of ADDED_KEYS it lacks set to its old value."""
+    saved = json.loads(json.dumps(saved))  # a copy
+    for key, value in ADDED_KEYS.items():
+        *groups, name = key.split(".")
+        section = saved
+        for group in groups:
+            section = section.setdefault(group, {})
+        section.setdefault(name, list(value) if isinstance(value, tuple) else value)
+    return saved
+
+
+# What validate() checks: keys with a fixed set of values (those of the modules that act on them),
+# integer keys >= 1 and >= 0.
 CHOICES = {
     "on_nonfinite": ("stop", "skip"),
+    "export_from": ("newest", "best"),
     "loss_weighting": LOSS_WEIGHTINGS,
-    "model.layout": ("slots", "frame"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "sample.method": ("ddpm", "ddim"),
+    "model.layout": LAYOUTS,
+    "model.dtype": DTYPES,
+    "model.remat": tuple(REMAT_POLICIES),
+    "model.attention": ("auto", *IMPLEMENTATIONS),
+    "sample.method": SAMPLING_METHODS,
     "optim.schedule": ("constant", "cosine"),
     "data.source": ("synthetic", "tfds"),
+    "data.route_tokens": ROUTE_TOKENS,
 }
 POSITIVE_INTS = (
     "total_steps",
@@ -229,47 +283,42 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE_INTS = (
     "eval_every",
+    "early_stop_evals",
     "model.cross_window",
+    "model.video_latents",
     "optim.warmup_steps",
     "data.context_frames",
     "data.num_workers",
+    "data.train_clips",
     *PAPER_SHAPES,
 )  # (0: UNSET)
+
+
+def shape_mismatches(cfg: ml_collections.ConfigDict, num_patches: int, video_dim: int, whose: str) -> list[str]:
+    """What differs between the token shapes cfg sets (data.num_patches, model.video_dim, model.patch_grid;
+    UNSET ones take the tokens') and tokens of `num_patches` per frame, `video_dim` wide; `whose` names
+    them in the messages ("the dataset's"). Empty when they fit."""
+    problems = []
+    if cfg.data.num_patches and cfg.data.num_patches != num_patches:
+        problems.append(f"data.num_patches={cfg.data.num_patches} but {whose} tokens are {num_patches} per frame")
+    if cfg.model.video_dim and cfg.model.video_dim != video_dim:
+        problems.append(f"model.video_dim={cfg.model.video_dim} but {whose} tokens are {video_dim} wide")
+    grid = tuple(cfg.model.patch_grid or ())
+    if grid and math.prod(grid) != num_patches:
+        problems.append(
+            f"model.patch_grid={grid} has {math.prod(grid)} positions but {whose} tokens are {num_patches} per frame"
+        )
+    return problems
 
 
 def validate(cfg: ml_collections.ConfigDict, *, data_dir: bool = True) -> ml_collections.ConfigDict:
     """Return cfg if its values are valid; else raise UserError naming the key, its value and
     what is expected. data_dir=False skips the check that data.source='tfds' has an existing
     data.dir (a dry run reads no data; sabr-demo writes its own)."""
-    g = functools.partial(_get, cfg)
-
-    def expect(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            value = g(key)
-            raise UserError(
-                f"config.{key}={value.to_dict() if hasattr(value, 'to_dict') else value!r}: expected {expected}"
-            )
-
-    for key, choices in CHOICES.items():
-        expect(g(key) in choices, key, "one of " + ", ".join(map(repr, choices)))
-    for key in POSITIVE_INTS:
-        expect(_is_int(g(key)) and g(key) >= 1, key, "an integer >= 1")
-    for key in NON_NEGATIVE_INTS:
-        expect(_is_int(g(key)) and g(key) >= 0, key, "an integer >= 0")
-    expect(g("model.width") % g("model.heads") == 0, "model.width", f"a multiple of model.heads={g('model.heads')}")
-    expect(g("model.depth") % 2 == 0, "model.depth", "an even number (spatial/temporal block pairs)")
-    expect(
-        g("model.cross_window") == 0 or g("model.layout") == "slots",
-        "model.cross_window",
-        "0 with model.layout='frame'",
-    )
-    grid = g("model.patch_grid")
-    expect(
-        grid in ((), None)
-        or (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(_is_int(v) and v >= 1 for v in grid)),
-        "model.patch_grid",
-        "() or (rows, cols) of integers >= 1",
-    )
+    g, expect = _checker(cfg)
+    validate_model(cfg)
+    for key in (*CHOICES, *POSITIVE_INTS, *NON_NEGATIVE_INTS):
+        _check_value(g, expect, key)
     expect(
         g("sample.steps") <= g("diffusion.num_steps"),
         "sample.steps",
@@ -281,14 +330,14 @@ def validate(cfg: ml_collections.ConfigDict, *, data_dir: bool = True) -> ml_col
         f"fewer than data.max_frames={g('data.max_frames')}",
     )
     expect(
-        g("data.context_frames") >= 1 or not (g("model.cross_route") or g("model.route_adaln")),
-        "data.context_frames",
-        ">= 1 with model.cross_route or model.route_adaln (they read the route images)",
-    )
-    expect(
         g("data.min_clip_frames") <= g("data.max_clip_frames"),
         "data.min_clip_frames",
         f"at most data.max_clip_frames={g('data.max_clip_frames')}",
+    )
+    expect(
+        g("data.route_tokens") == "images" or g("data.source") == "tfds",
+        "data.route_tokens",
+        "'images' with data.source='synthetic' (the oracle reads the holds.json of prepared clips)",
     )
     expect(0 <= g("ema_decay") <= 1, "ema_decay", "a number in [0, 1]")
     expect(0 <= g("cond_drop_prob") < 1, "cond_drop_prob", "a probability in [0, 1)")
@@ -312,6 +361,60 @@ def validate(cfg: ml_collections.ConfigDict, *, data_dir: bool = True) -> ml_col
         )
         expect(os.path.isdir(g("data.dir")), "data.dir", "an existing folder: the --data_dir of sabr-prepare")
     return cfg
+
+
+def validate_model(cfg: ml_collections.ConfigDict) -> None:
+    """The part of `validate` that the model's keys need (sabr_jax.model.factory checks it
+    before it builds a model): UserError naming the key, its value and what is expected."""
+    g, expect = _checker(cfg)
+    for key in MODEL_KEYS:
+        _check_value(g, expect, key)
+    expect(g("model.width") % g("model.heads") == 0, "model.width", f"a multiple of model.heads={g('model.heads')}")
+    expect(g("model.depth") % 2 == 0, "model.depth", "an even number (spatial/temporal block pairs)")
+    expect(
+        g("model.cross_window") == 0 or g("model.layout") == "slots",
+        "model.cross_window",
+        "0 with model.layout='frame'",
+    )
+    grid = g("model.patch_grid")
+    expect(
+        grid in ((), None)
+        or (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(_is_int(v) and v >= 1 for v in grid)),
+        "model.patch_grid",
+        "() or (rows, cols) of integers >= 1",
+    )
+    expect(
+        g("data.context_frames") >= 1 or not (g("model.cross_route") or g("model.route_adaln")),
+        "data.context_frames",
+        ">= 1 with model.cross_route or model.route_adaln (they read the route images)",
+    )
+
+
+MODEL_KEYS = tuple(f"model.{key}" for key in base_config().model)
+
+
+def _check_value(g, expect, key: str) -> None:
+    """The check of CHOICES, POSITIVE_INTS or NON_NEGATIVE_INTS that `key` has, if any."""
+    if key in CHOICES:
+        expect(g(key) in CHOICES[key], key, "one of " + ", ".join(map(repr, CHOICES[key])))
+    elif key in POSITIVE_INTS:
+        expect(_is_int(g(key)) and g(key) >= 1, key, "an integer >= 1")
+    elif key in NON_NEGATIVE_INTS:
+        expect(_is_int(g(key)) and g(key) >= 0, key, "an integer >= 0")
+
+
+def _checker(cfg: ml_collections.ConfigDict):
+    """(get, expect): cfg's value at a dotted key, and a check raising UserError with that value."""
+    g = functools.partial(_get, cfg)
+
+    def expect(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = g(key)
+            raise UserError(
+                f"config.{key}={value.to_dict() if hasattr(value, 'to_dict') else value!r}: expected {expected}"
+            )
+
+    return g, expect
 
 
 def _get(cfg: ml_collections.ConfigDict, key: str):

@@ -10,7 +10,7 @@ importing its module, so a `__reduce__` calling e.g. `os.system` never runs:
 * names the caller adds to `allowed` (e.g. joblib's array wrapper for the tracks).
 * stand-ins (`stand_ins`): the class is not imported at all; its objects unpickle to a
   `StandIn` that keeps the state the pickle gives them, for the caller to convert (the
-  SMPL files' chumpy arrays and scipy sparse matrices: see sabr_jax.smpl).
+  SMPL files' chumpy arrays and scipy sparse matrices: see sabr_jax.body.smpl).
 
 Python 2 pickles name builtins `__builtin__` and copyreg `copy_reg`; both are mapped
 (load them with `encoding="latin1"` so that numpy arrays keep their bytes).

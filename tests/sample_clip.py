@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from sabr_jax import route_color
-from sabr_jax.data import synth_wall
 from sabr_jax.data import tracks as tr
 from sabr_jax.data import video as vid
+from sabr_jax.data.synthclimb import wall as synth_wall
+from sabr_jax.sample import route_color
 
 FRAMES, HW = 24, (64, 112)  # a 3-hold SynthClimb climb lasts 24 frames at 24 FPS; its video is 64x112
 
@@ -62,11 +62,11 @@ def wall(tmp_path_factory):
     import jax
     from flax import nnx
 
-    from sabr_jax import checkpoint
     from sabr_jax.config import demo_config
-    from sabr_jax.data.prepare_settings import Settings
+    from sabr_jax.data.prepare.settings import Settings
+    from sabr_jax.model.factory import build_model
     from sabr_jax.motion import NormStats
-    from sabr_jax.trainer import build_model
+    from sabr_jax.training import checkpoint
 
     root = tmp_path_factory.mktemp("sample")
     motion = write_clip(root / "clip", np.random.default_rng(0))

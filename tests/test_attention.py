@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
-from sabr_jax import attention  # noqa: E402
-from sabr_jax.attention import dot_product_attention  # noqa: E402
+from sabr_jax.model import attention  # noqa: E402
+from sabr_jax.model.attention import dot_product_attention  # noqa: E402
 
 
 def reference_attention(q, k, v, kv_mask=None):
@@ -264,7 +264,7 @@ def test_splash_runs_in_shard_map_under_a_mesh(axis_type):
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from sabr_jax.attention import dot_product_attention
+    from sabr_jax.model.attention import dot_product_attention
     mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"))
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(4, 100, 2, 64)).astype(np.float32) for _ in range(3))

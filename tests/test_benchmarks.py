@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sabr_jax.cli import UserError
+from sabr_jax.errors import UserError
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
@@ -70,7 +70,7 @@ def test_matmul_peak_and_memory_budget():
 
 
 def test_matmul_seconds_times_each_matmul_alone():
-    from sabr_jax.flops import Matmul
+    from sabr_jax.parallel.flops import Matmul
 
     dot = Matmul((64, 128), (128, 96), (((1,), (0,)), ((), ())), "float32", "float32", 2.0 * 64 * 128 * 96)
     batched = Matmul((4, 8, 16), (4, 16, 8), (((2,), (1,)), ((0,), (0,))), "float32", "float32", 2.0 * 4 * 8 * 16 * 8)

@@ -1,4 +1,4 @@
-"""sabr_jax.bvh: the written file parses back to the skeleton's own forward kinematics, and
+"""sabr_jax.body.bvh: the written file parses back to the skeleton's own forward kinematics, and
 Blender's importer reads the same joint positions (where Blender's `bpy` module is installed)."""
 
 import importlib.util
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from sabr_jax import bvh, skeleton
+from sabr_jax.body import bvh, skeleton
 
 FPS = 30
 
@@ -86,10 +86,14 @@ def positions(parsed):
     return np.stack(world_pos, 1)
 
 
-def expected_positions(rotations, rest, translation):
-    """The skeleton's own forward kinematics, translated, in the BVH world (x, -y, -z): [T, 24, 3] metres."""
+def expected_positions(rotations, rest, translation, placed=True):
+    """The skeleton's own forward kinematics, translated, in the BVH world (x, -y, -z): [T, 24, 3]
+    metres; placed: shifted so that frame 0's pelvis is at x = z = 0 and its lowest joint at y = 0."""
     camera_frame = np.asarray(skeleton.forward_kinematics(rotations, rest)) + translation[:, None]
-    return camera_frame * np.array([1.0, -1.0, -1.0])
+    world = camera_frame * np.array([1.0, -1.0, -1.0])
+    if placed:
+        world -= np.array([world[0, 0, 0], world[0, :, 1].min(), world[0, 0, 2]])
+    return world
 
 
 def motion(frames=5, seed=0):
@@ -110,6 +114,26 @@ def test_round_trip_matches_forward_kinematics(tmp_path, scale, pelvis):
     order = [parsed["names"].index(n) for n in skeleton.JOINT_NAMES]
     got = positions(parsed)[:, order] / scale
     np.testing.assert_allclose(got, expected_positions(rotations, rest, translation), atol=1e-4)
+
+
+def test_placement_puts_the_first_frame_on_the_floor_at_the_origin(tmp_path):
+    """The root sits near the origin, not ~20 m (here; ~100 m for real videos) away at cam_t, frame
+    0's lowest joint on y = 0; world_shift = 0 keeps the camera's origin (the translation as given)."""
+    rotations, translation = motion(frames=6, seed=2)
+    rest = skeleton.REST_JOINTS.astype(np.float64)
+    path = tmp_path / "climb.bvh"
+    bvh.write(path, rotations, rest, translation, FPS)
+    parsed = parse(path)
+    got = positions(parsed)[:, [parsed["names"].index(n) for n in skeleton.JOINT_NAMES]]
+    np.testing.assert_allclose([got[0, 0, 0], got[0, :, 1].min(), got[0, 0, 2]], 0.0, atol=1e-6)
+    assert np.linalg.norm(translation[0]) > 15 and np.abs(got).max() < 6  # the body stays near the origin
+    unplaced = expected_positions(rotations, rest, translation, placed=False)
+    shift = bvh.placement(rotations, rest, translation)  # the shift that sabr_jax.body.gltf shares
+    np.testing.assert_allclose(unplaced + shift, expected_positions(rotations, rest, translation), atol=1e-5)
+    bvh.write(path, rotations, rest, translation, FPS, world_shift=np.zeros(3))
+    parsed = parse(path)
+    got = positions(parsed)[:, [parsed["names"].index(n) for n in skeleton.JOINT_NAMES]]
+    np.testing.assert_allclose(got, unplaced, atol=1e-4)
 
 
 def test_file_structure(tmp_path):

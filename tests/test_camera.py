@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sabr_jax import camera, skeleton
 from sabr_jax import motion as M
+from sabr_jax.body import camera, skeleton
 
 
 def _random_rotations(seed, shape):
@@ -96,3 +96,29 @@ def test_joint_pixels_reads_the_motion_vector():
     got = np.asarray(camera.joint_pixels(vec, (h, w)))
     want = np.asarray(camera.project(skeleton.forward_kinematics(rot), bbox, cam))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_mirror_is_the_mirror_image_and_its_own_inverse():
+    """camera.mirror of raw motion vectors: its joints (forward kinematics, then the bbox camera) are
+    the original's mirrored in the frame (u -> W - u) with left and right swapped, and mirroring
+    twice gives the vectors back; all-zero vectors (untracked frames) stay zero."""
+    rng = np.random.default_rng(3)
+    rotations = np.asarray(_random_rotations(3, (6,)), np.float32)
+    bbox = np.stack(
+        [rng.uniform(0.1, 0.5, 6), rng.uniform(0.1, 0.5, 6), rng.uniform(0.2, 0.4, 6), rng.uniform(0.3, 0.5, 6)], 1
+    )
+    cam = np.stack([rng.uniform(0.8, 1.2, 6), rng.normal(0, 0.1, 6), rng.normal(0, 0.1, 6)], 1)
+    vectors = np.concatenate(
+        [bbox, cam, np.asarray(M.matrix_to_rot6d(rotations)).reshape(6, -1), rng.normal(0, 1, (6, 10))], 1
+    )
+    vectors = np.concatenate([vectors, np.zeros((1, M.MOTION_DIM))]).astype(np.float32)
+    mirrored = camera.mirror(vectors)
+    np.testing.assert_allclose(camera.mirror(mirrored), vectors, atol=1e-5)
+    assert np.all(mirrored[-1] == 0)
+    hw = (112, 196)
+    joints = np.asarray(camera.joint_pixels(vectors[:-1], hw))
+    expected = joints[:, list(skeleton.MIRRORED)]
+    expected[..., 0] = hw[1] - expected[..., 0]
+    np.testing.assert_allclose(np.asarray(camera.joint_pixels(mirrored[:-1], hw)), expected, atol=1e-3)
+    np.testing.assert_array_equal(mirrored[:-1, M.BETAS], vectors[:-1, M.BETAS])
+    assert [skeleton.JOINT_NAMES[j] for j in skeleton.MIRRORED[:3]] == ["pelvis", "R_hip", "L_hip"]

@@ -1,4 +1,4 @@
-"""The console scripts' command line (sabr_jax.cli): errors in the input are one line on
+"""The console scripts' command line (sabr_jax.cli.console): errors in the input are one line on
 stderr with exit status 1, `--verbose` shows the traceback, `--help` lists the flags.
 
 Each script runs in a subprocess the way its installed wrapper runs it (tests/console.py).
@@ -90,9 +90,23 @@ def test_verbose_shows_the_traceback():
         ("sabr-prepare", "--data_dir"),
         ("sabr-synth", "--out"),
         ("sabr-eval", "--checkpoint"),
+        ("sabr-sample", "--route_color"),
     ],
 )
-def test_help_lists_the_flags(name, flag):
-    proc = script(name, "--help")  # absl's --help exits with status 1
+def test_help_lists_the_flags_and_exits_0(name, flag):
+    proc = script(name, "--help")  # (absl's own --help exits with status 1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"  {flag}" in proc.stdout and "  --[no]verbose" in proc.stdout, proc.stdout
     assert proc.stdout.startswith(f"{name}: "), proc.stdout[:200]  # the script's docstring
+
+
+@pytest.mark.parametrize("flag", ["--helpfull", "--helpshort", "-?"])
+def test_every_help_flag_exits_0(flag):
+    proc = script("sabr-synth", flag)
+    assert proc.returncode == 0 and "  --out" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_sizes_show_their_defaults_as_they_are_typed():
+    assert "(default: '368x640')" in script("sabr-synth", "--help").stdout
+    text = script("sabr-prepare", "--help").stdout
+    assert "(default: '368x640')" in text and "(default: '280x490')" in text, text

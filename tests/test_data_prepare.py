@@ -1,4 +1,6 @@
-"""synth -> sabr-prepare -> TFDS (ArrayRecord) -> Grain, with bad clips beside good ones."""
+"""synth -> sabr-prepare -> TFDS (ArrayRecord) -> Grain, with bad clips beside good ones.
+
+(A NaN in some frames of a track masks those frames, it does not skip the clip: test_prepare_faults.)"""
 
 import copy
 import json
@@ -14,11 +16,13 @@ import numpy as np
 import pytest
 from console import script
 
-from sabr_jax.data import pipeline, synth, tfds_source
-from sabr_jax.data import prepare as P
-from sabr_jax.data.frame_encoder import FrameEncoder, make_encoder
-from sabr_jax.data.prepare_settings import Settings
-from sabr_jax.data.prepared import PreparedClip
+from sabr_jax.data import pipeline
+from sabr_jax.data.prepare import build as P
+from sabr_jax.data.prepare.settings import Settings
+from sabr_jax.data.store import tfds_source
+from sabr_jax.data.store.prepared import PreparedClip
+from sabr_jax.data.synthclimb import synth
+from sabr_jax.encoders.frames import FrameEncoder, make_encoder
 
 # tiny frames and encoder input (2x4 = 8 patches), random-tiny encoder (Dv = 32): the demo's shapes
 SIZE_ARGS = ["--frame_size", "64x112", "--encoder_size", "28x56", "--encoder", "random-tiny", "--context_frames", "2"]
@@ -27,7 +31,6 @@ GOOD = ["good0", "good1", "good2", "good3", "good4"]
 BAD = {
     "bad_truncated": "cannot open video",
     "bad_missing_field": "missing field 'smpl.betas'",
-    "bad_nan_pose": "field 'smpl.body_pose' has non-finite values",
     "bad_frame_count": "tracks for 10 frames the video lacks",
     "bad_exploit": "unsafe or invalid pickle: refusing to load posix.system",
 }
@@ -76,11 +79,6 @@ def make_clips(root):
     del frame["smpl"][pos]["betas"]
     joblib.dump(t, root / "bad_missing_field" / "tracks.pkl", compress=3)
 
-    t = copy.deepcopy(bad("bad_nan_pose"))
-    frame, pos = climber(t, 7)
-    frame["smpl"][pos]["body_pose"] = np.full((23, 3, 3), np.nan, np.float32)
-    joblib.dump(t, root / "bad_nan_pose" / "tracks.pkl", compress=3)
-
     t = bad("bad_frame_count")
     last = t[sorted(t)[-1]]
     for _ in range(10):  # tracks for 10 frames after the video's end
@@ -121,7 +119,7 @@ def test_report_lists_good_and_skipped(built):
     for clip_id, message in BAD.items():
         assert message in skipped[clip_id], (clip_id, skipped[clip_id])
         assert clip_id in skipped[clip_id]  # the message names the clip's file
-    assert "frame '" in skipped["bad_nan_pose"] and "track 7" in skipped["bad_nan_pose"]
+    assert "frame '" in skipped["bad_missing_field"] and "track 7" in skipped["bad_missing_field"]
     assert not (built["clips"] / "PWNED").exists()
     assert report["dataset"]["splits"]["train"]["clips"] == 4
     assert report["dataset"]["splits"]["validation"]["clips"] == 1
@@ -360,7 +358,9 @@ def test_check_config(built):
         tfds_source.check(cfg, source)
     cfg = get_config()
     cfg.data.num_patches = 700
-    with pytest.raises(tfds_source.DatasetMismatchError, match="data.num_patches=700 but the dataset has 8"):
+    with pytest.raises(
+        tfds_source.DatasetMismatchError, match="data.num_patches=700 but the dataset's tokens are 8 per frame"
+    ):
         tfds_source.open_tfds(built["data"], "train", cfg=cfg)
 
 
@@ -391,7 +391,8 @@ def test_unset_shapes_come_from_the_dataset(built):
     cfg = _tfds_config(built["data"], num_patches=0)
     cfg.model.patch_grid = (4, 7)
     with pytest.raises(
-        tfds_source.DatasetMismatchError, match=r"model.patch_grid=\(4, 7\) has 28 positions but the dataset has 8"
+        tfds_source.DatasetMismatchError,
+        match=r"model.patch_grid=\(4, 7\) has 28 positions but the dataset's tokens are 8 per frame",
     ):
         resolve_shapes(cfg)
     cfg = base_config()  # no dataset to read (the synthetic source, a dry run): the paper's DINOv2-L shapes
@@ -401,7 +402,7 @@ def test_unset_shapes_come_from_the_dataset(built):
 def test_training_on_the_dataset_with_unset_shapes(built, tmp_path):
     """A short run on the prepared dataset (masked frames in its batches) with data.num_patches and
     model.video_dim left unset: they come from the dataset, into the saved config too."""
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     cfg = _tfds_config(built["data"], num_patches=0)
     cfg.model.video_dim = 0
@@ -415,7 +416,7 @@ def test_training_on_the_dataset_with_unset_shapes(built, tmp_path):
 
 
 def test_old_formats_are_rebuilt_or_refused(built, tmp_path):
-    from sabr_jax.data import tfds_builder
+    from sabr_jax.data.store import tfds_builder
 
     # a prepared clip of format 1 (no motion_mask) is prepared again
     settings = Settings(**SETTINGS)
@@ -467,6 +468,50 @@ def test_long_clips_are_cut_into_parts(built, tmp_path):
     assert sum(source.num_frames(i) for i in range(len(source)) if ids[i].startswith("good0#")) == len(full)
 
 
+def test_mirror_adds_the_train_clips_mirror_images(built, tmp_path):
+    """--mirror: each train clip's mirror image joins the train split as <clip_id>.mirror (the
+    validation split gets none): its motion is camera.mirror of the clip's, holds.json mirrored,
+    its tokens those of the flipped frames; the originals are not encoded again."""
+    from sabr_jax.body import camera
+    from sabr_jax.eval.metrics import mirror_holds
+
+    shutil.copytree(built["data"] / P.PREPARED, tmp_path / P.PREPARED)
+    settings = Settings(**SETTINGS, validation_fraction=0.2, mirror=True)
+    lines = []
+    report = P.prepare(built["clips"], tmp_path, settings, log=lines.append)
+    train, val = (tfds_source.TfdsClips(tmp_path, split) for split in ("train", "validation"))
+    train_ids, val_ids = ([s.clip_id(i) for i in range(len(s))] for s in (train, val))
+    originals = [c for c in train_ids if not c.endswith(P.MIRROR_SUFFIX)]
+    assert sorted(train_ids) == sorted(originals + [P.mirrored_id(c) for c in originals])
+    assert val_ids and not any(c.endswith(P.MIRROR_SUFFIX) for c in val_ids)
+    assert sorted(report["prepared_now"]) == sorted(P.mirrored_id(c) for c in originals)  # originals resumed
+    clip, image = originals[0], PreparedClip(tmp_path / P.PREPARED / originals[0])
+    mirror = PreparedClip(tmp_path / P.PREPARED / P.mirrored_id(clip))
+    tracked = image.motion_mask()
+    np.testing.assert_array_equal(mirror.motion_mask(), tracked)
+    np.testing.assert_allclose(mirror.motion()[tracked], camera.mirror(image.motion()[tracked]), atol=1e-6)
+    assert mirror.meta["holds"] == mirror_holds(image.meta["holds"]) and mirror.meta["mirror_of"] == clip
+    twice = mirror_holds(mirror_holds(image.meta["holds"]))  # the holds back, to float rounding (W - (W - x))
+    assert twice.keys() == image.meta["holds"].keys() and twice["route_color"] == image.meta["holds"]["route_color"]
+    for field in ("route", "distractors", "view"):
+        if field in twice:
+            np.testing.assert_allclose(twice[field], image.meta["holds"][field], rtol=0, atol=1e-9)
+    encoder = FrameEncoder(make_encoder(settings), settings)
+    frames = [np.ascontiguousarray(f[:, ::-1]) for _, _, f in _decoded(built["clips"] / clip, settings)][:4]
+    expected = []
+    encoder.stream(iter(frames), expected.append)
+    np.testing.assert_allclose(mirror.video()[:4].astype(np.float32), np.concatenate(expected)[:4], atol=2e-2)
+
+
+def _decoded(clip_dir, settings):
+    """The frames sabr-prepare encodes of a clip (its tracked span, resampled and resized)."""
+    from sabr_jax.data import video as vid
+
+    meta = json.loads((clip_dir.parent.parent / "data" / P.PREPARED / clip_dir.name / "meta.json").read_text())
+    kept = set(meta["source_frame_of"])
+    return vid.resampled_frames(clip_dir / "video.mp4", kept.__contains__, settings.frame_size, settings.fps)
+
+
 def test_split_is_deterministic_and_by_clip():
     ids = [f"c{i}" for i in range(20)]
     train, val = P.split_clips(ids, 0.25, seed=1)
@@ -502,8 +547,8 @@ def test_encoder_data_parallel_over_local_devices(tmp_path):
     child = textwrap.dedent(
         """
         import jax, numpy as np
-        from sabr_jax.data.frame_encoder import FrameEncoder, make_encoder
-        from sabr_jax.data.prepare_settings import Settings
+        from sabr_jax.encoders.frames import FrameEncoder, make_encoder
+        from sabr_jax.data.prepare.settings import Settings
         s = Settings(encoder="random-tiny", frame_size=(64, 112), encoder_size=(28, 56), batch_size=3)
         enc = FrameEncoder(make_encoder(s), s)
         assert len(jax.local_devices()) == 2 and enc.batch == 4

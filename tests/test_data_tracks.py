@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from sabr_jax import motion as M
-from sabr_jax.data import synth
 from sabr_jax.data import tracks as tr
+from sabr_jax.data import video as vid
+from sabr_jax.data.synthclimb import synth
 from sabr_jax.data.video import pool_tokens
 
 
@@ -94,7 +95,7 @@ def test_tie_goes_to_smallest_id():
 
 def test_natural_frame_order():
     names = ["frame_10.jpg", "frame_9.jpg", "frame_100.jpg", "frame_1.jpg"]
-    assert sorted(names, key=tr.natural_key) == ["frame_1.jpg", "frame_9.jpg", "frame_10.jpg", "frame_100.jpg"]
+    assert sorted(names, key=vid.natural_key) == ["frame_1.jpg", "frame_9.jpg", "frame_10.jpg", "frame_100.jpg"]
 
 
 def _climber_entry(results, name):
@@ -141,6 +142,42 @@ def test_validation_errors_name_file_frame_and_field(phalp):
         tr.climber_motion([1, 2], "x.pkl")
 
 
+def test_frames_with_unusable_values_can_be_masked(phalp):
+    """With `bad` (a dict) a frame whose values are non-finite or not rotations is masked like a frame
+    where the tracker lost the climber (present False, zeros) and named in `bad`; its other frames
+    are as without the fault. A structural fault (a missing field) stays an error."""
+    import copy
+
+    results, present = phalp
+    names = sorted(results, key=vid.natural_key)
+    i, j = [k for k in range(len(names)) if present[k] and k > 2][:2]
+    bad_tracks = copy.deepcopy(results)
+    frame, pos = _climber_entry(bad_tracks, names[i])
+    frame["smpl"][pos]["body_pose"] = np.full((23, 3, 3), np.nan, np.float32)
+    frame, pos = _climber_entry(bad_tracks, names[j])
+    frame["camera_bbox"][pos] = np.array([np.inf, 0.0, 0.0], np.float32)
+    bad = {}
+    _, _, got_present, vectors = tr.climber_motion(bad_tracks, "x.pkl", bad=bad)
+    _, _, _, clean = tr.climber_motion(results, "x.pkl")
+    assert bad == {
+        i: f"x.pkl: frame '{names[i]}', track 7: field 'smpl.body_pose' has non-finite values (NaN or inf)",
+        j: f"x.pkl: frame '{names[j]}', track 7: field 'camera_bbox' has non-finite values (NaN or inf)",
+    }
+    expected = present.copy()
+    expected[[i, j]] = False
+    np.testing.assert_array_equal(got_present, expected)
+    assert not vectors[[i, j]].any()
+    np.testing.assert_array_equal(vectors[expected], clean[expected])
+    frame, pos = _climber_entry(bad_tracks, names[i])
+    frame["smpl"][pos]["body_pose"] = np.broadcast_to(2 * np.eye(3), (23, 3, 3))  # finite, but no rotations
+    bad = {}
+    tr.climber_motion(bad_tracks, "x.pkl", bad=bad)
+    assert "'smpl' holds matrices that are not rotations" in bad[i]
+    del frame["smpl"][pos]["betas"]
+    with pytest.raises(tr.TrackError, match="missing field 'smpl.betas'"):
+        tr.climber_motion(bad_tracks, "x.pkl", bad={})
+
+
 def test_betas_with_batch_axis_and_size_fallback(phalp):
     import copy
 
@@ -182,7 +219,7 @@ def test_motion_vector_layout_matches_motion_module(phalp):
 def test_tracker_size_turned_against_the_video_is_an_error(phalp):
     """A tracker that saw the frames turned (size landscape, video upright portrait) is refused."""
     results, present = phalp
-    name = next(n for n, p in zip(sorted(results, key=tr.natural_key), present) if p)
+    name = next(n for n, p in zip(sorted(results, key=vid.natural_key), present) if p)
     frame = results[name]
     tid = frame["tid"][0]
     h, w = frame["size"][0]

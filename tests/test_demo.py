@@ -23,7 +23,7 @@ SHORT = [
 
 
 def run_demo(workdir, *extra):
-    cmd = [sys.executable, "-m", "sabr_jax.demo", "--workdir", str(workdir), *SHORT, *extra]
+    cmd = [sys.executable, "-m", "sabr_jax.cli.demo", "--workdir", str(workdir), *SHORT, *extra]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}
     )

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sabr_jax.diffusion import GaussianDiffusion, frame_weights, linear_betas, space_timesteps
+from sabr_jax.diffusion.gaussian import GaussianDiffusion, frame_weights, linear_betas, space_timesteps
 
 
 def test_linear_schedule_closed_forms():

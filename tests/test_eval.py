@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from sabr_jax import camera, skeleton
 from sabr_jax import motion as M
-from sabr_jax.cli import UserError
+from sabr_jax.body import camera, skeleton
+from sabr_jax.errors import UserError
 from sabr_jax.eval import evaluate, metrics
 from sabr_jax.eval.plots import plot_losses
 
@@ -175,12 +175,13 @@ def evaluated(tmp_path_factory):
     import jax
     from flax import nnx
 
-    from sabr_jax import checkpoint
     from sabr_jax.config import demo_config
-    from sabr_jax.data import prepare, synth
-    from sabr_jax.data.prepare_settings import Settings
-    from sabr_jax.data.tfds_source import open_tfds
-    from sabr_jax.trainer import build_model
+    from sabr_jax.data.prepare import build as prepare
+    from sabr_jax.data.prepare.settings import Settings
+    from sabr_jax.data.store.tfds_source import open_tfds
+    from sabr_jax.data.synthclimb import synth
+    from sabr_jax.model.factory import build_model
+    from sabr_jax.training import checkpoint
 
     root = tmp_path_factory.mktemp("eval")
     synth.write_clips(root / "clips", 5, holds=3, height=64, width=112, context=2, pan=True)  # holds.json with views
@@ -233,11 +234,121 @@ def test_evaluate_writes_every_output(evaluated):
     assert "movement MSE" in evaluated["log"] and "ground_truth" in evaluated["log"]
 
 
+def test_evaluate_pairs_the_model_with_its_controls(evaluated):
+    """metrics.json's "paired": per wall, model minus shuffled_video and minus random_clip, the mean
+    of those differences and a bootstrap interval around it; the table prints them."""
+    result = evaluated["result"]
+    rows = result["rows"]
+    for other in ("shuffled_video", "random_clip"):
+        for metric in ("movement_mse", "route_adherence"):
+            d = result["paired"][f"model - {other}"][metric]
+            diffs = [a[metric] - b[metric] for a, b in zip(rows["model"]["per_video"], rows[other]["per_video"])]
+            assert d["mean"] == pytest.approx(np.mean(diffs)) and d["videos"] == 2
+            assert min(diffs) - 1e-12 <= d["low"] <= d["mean"] <= d["high"] <= max(diffs) + 1e-12
+    assert "model - shuffled_video" in evaluated["log"] and "bootstrap 95% interval" in evaluated["log"]
+
+
+def test_paired_difference_interval():
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 1.0, 400)
+    d = metrics.paired_difference(list(a), [0.0] * 400, seed=1)
+    assert d["low"] < 1.0 < d["high"] and d["high"] - d["low"] == pytest.approx(4 * 1.96 / 20 / 2, rel=0.2)
+    assert metrics.paired_difference([0.1, None, 0.3], [0.0, 0.5, None])["videos"] == 1  # pairs with a None dropped
+    assert metrics.paired_difference([None], [1.0]) is None
+    assert metrics.paired_difference([1.0, 2.0], [1.0, 2.0]) == {"mean": 0.0, "low": 0.0, "high": 0.0, "videos": 2}
+
+
+def test_guidance_needs_a_model_trained_with_condition_dropout(evaluated, tmp_path):
+    from sabr_jax.errors import UserError
+    from sabr_jax.sample import export
+    from sabr_jax.training import checkpoint
+
+    guided = export.load(str(evaluated["root"] / "export"), guidance=2.0)  # the demo config: cond_drop_prob 0.1
+    assert guided.cfg.sample.guidance_scale == 2.0
+    params, meta = checkpoint.load_export(str(evaluated["root"] / "export"))
+    meta["config"]["cond_drop_prob"] = 0.0
+    checkpoint.export_ema(str(tmp_path / "plain"), params, meta)
+    with pytest.raises(UserError, match="trained with cond_drop_prob=0.0, so it has no unconditional branch"):
+        export.load(str(tmp_path / "plain"), guidance=2.0)
+    assert export.load(str(tmp_path / "plain"), guidance=1.0).cfg.sample.guidance_scale == 1.0
+
+
+def test_route_oracle_states_the_holds(evaluated):
+    """data.route_tokens='oracle': each clip's context tokens are its route holds' Fourier features
+    (hold k in token k, the rest zero); the video tokens are the dataset's."""
+    from sabr_jax.config import demo_config
+    from sabr_jax.data.route_oracle import hold_tokens
+    from sabr_jax.data.store.tfds_source import open_tfds
+
+    data = evaluated["root"] / "data"
+    cfg = demo_config()
+    cfg.data.update(source="tfds", dir=str(data), route_tokens="oracle", context_frames=2)
+    oracle, _ = open_tfds(data, "train", cfg=cfg)
+    plain, _ = open_tfds(data, "train")
+    clip, truth = oracle.read(0, 0, 5), plain.read(0, 0, 5)
+    np.testing.assert_array_equal(clip["video"], truth["video"])
+    holds = plain.clips[0]["holds"]
+    k = len(holds["route"])
+    assert clip["context"].shape == truth["context"].shape
+    np.testing.assert_allclose(clip["context"], hold_tokens(holds, *truth["context"].shape), atol=1e-2)  # (bf16)
+    assert np.all(clip["context"][:, k:] == 0) and np.all(np.abs(clip["context"][:, :k]).sum(-1) > 1)
+    x, y = holds["route"][0][0] / holds["image_size"][1], holds["route"][0][1] / holds["image_size"][0]
+    tokens = hold_tokens(holds, 1, 8, 8)
+    np.testing.assert_allclose(
+        tokens[0, 0],
+        [
+            np.sin(np.pi * x),
+            np.sin(2 * np.pi * x),
+            np.cos(np.pi * x),
+            np.cos(2 * np.pi * x),
+            np.sin(np.pi * y),
+            np.sin(2 * np.pi * y),
+            np.cos(np.pi * y),
+            np.cos(2 * np.pi * y),
+        ],
+        rtol=1e-5,
+    )
+
+
+def test_tracker_lost_frames_are_out_of_the_movement_mse(evaluated, tmp_path, monkeypatch):
+    """Frames where the tracker lost the climber (motion_mask False; their motion is zeros, here junk)
+    are left out of every row's movement MSE, and of its route adherence: the figures are those of the
+    frames whose true motion is known."""
+    from sabr_jax.data.store.tfds_source import TfdsClips
+
+    read = TfdsClips.read
+
+    def with_lost_frames(self, index, start, stop):
+        clip = read(self, index, start, stop)
+        lost = (np.arange(start, stop) % 5) == 2  # every fifth frame
+        clip["motion_mask"] = clip["motion_mask"] & ~lost
+        clip["motion"] = np.where(lost[:, None], 1e3, clip["motion"]).astype(np.float32)
+        return clip
+
+    monkeypatch.setattr(TfdsClips, "read", with_lost_frames)
+    result = evaluate.evaluate(
+        str(evaluated["root"] / "export"), str(evaluated["root"] / "data"), str(tmp_path), steps=3, batch_size=2,
+        log=lambda line: None,
+    )  # fmt: skip
+    source, stats = evaluate.open_tfds(evaluated["root"] / "data", "validation")
+    samples = np.load(tmp_path / "samples.npz")
+    for v in result["rows"]["model"]["per_video"]:
+        i = [source.clip_id(k) for k in range(len(source))].index(v["clip_id"])
+        clip = source.read(i, 0, source.num_frames(i))
+        known = clip["motion_mask"]
+        assert 0 < (~known).sum() < len(known)
+        expected = metrics.movement_mse(samples[v["clip_id"]][known], clip["motion"][known], stats)
+        assert v["movement_mse"] == pytest.approx(expected, rel=1e-6)
+    truth = result["rows"]["ground_truth"]
+    assert truth["movement_mse"] == 0 and truth["route_adherence"] == 1.0  # its known frames touch every route hold
+    assert result["rows"]["mean_motion"]["movement_mse"] < 10  # the junk frames would make it ~1e7
+
+
 def test_evaluate_without_holds_reports_null(evaluated, tmp_path):
     import shutil
 
-    from sabr_jax.data.tfds_builder import INDEX_FILE
-    from sabr_jax.data.tfds_source import find_dataset
+    from sabr_jax.data.store.tfds_builder import INDEX_FILE
+    from sabr_jax.data.store.tfds_source import find_dataset
 
     data = tmp_path / "data"
     shutil.copytree(find_dataset(evaluated["root"] / "data"), data)

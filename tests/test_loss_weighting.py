@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from util import tiny_batch
 
-from sabr_jax import sharding
-from sabr_jax.cli import UserError
 from sabr_jax.config import base_config, demo_config, validate
-from sabr_jax.trainer import Trainer
+from sabr_jax.errors import UserError
+from sabr_jax.parallel import sharding
+from sabr_jax.training.trainer import Trainer
 
 CONTEXT = 4
 # Counted (motion) frames per example: 8, 1, 6, 0. With grad_accum=2 the micro-batches are rows

@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from util import forward, spoil, tiny_batch, tiny_model
+from util import dit_config, forward, spoil, tiny_batch, tiny_model
 
 from sabr_jax.config import PAPER_SHAPES, base_config
-from sabr_jax.cross_attention import window
-from sabr_jax.flops import jaxpr_flops
-from sabr_jax.model import Block, BlockPair, DiT, DiTConfig
-from sabr_jax.trainer import model_config
+from sabr_jax.errors import UserError
+from sabr_jax.model.cross_attention import window
+from sabr_jax.model.dit import Block, BlockPair, DiT
+from sabr_jax.model.factory import model_config
+from sabr_jax.parallel.flops import jaxpr_flops
 
 LAYOUTS = [
     ("slots", {}),
@@ -80,13 +81,13 @@ def test_absorbed_projections_match_projected(layout, extra, monkeypatch):
     key/value projections (queries and output in the token space), gives the outputs and the
     gradients of the pair given its projected keys and values: with a window, with the route
     images (both layouts), and with kv_share (both slots blocks read the spatial projection)."""
-    import sabr_jax.model
+    import sabr_jax.model.dit
 
-    monkeypatch.setattr(sabr_jax.model, "absorbs", lambda *_: True)
+    monkeypatch.setattr(sabr_jax.model.dit, "absorbs", lambda *_: True)
     calls = []
-    absorbed_attention = sabr_jax.model.absorbed_attention
-    monkeypatch.setattr(sabr_jax.model, "absorbed_attention", lambda *a: calls.append(1) or absorbed_attention(*a))
-    cfg = DiTConfig(layout=layout, width=32, heads=4, depth=2, video_dim=16, dtype="float32", **extra)
+    absorbed_attention = sabr_jax.model.dit.absorbed_attention
+    monkeypatch.setattr(sabr_jax.model.dit, "absorbed_attention", lambda *a: calls.append(1) or absorbed_attention(*a))
+    cfg = dit_config(layout=layout, width=32, heads=4, depth=2, video_dim=16, dtype="float32", **extra)
     graphdef, state = nnx.split(randomized(BlockPair(cfg, nnx.Rngs(0))))
     batch = tiny_batch()
     masks = (jnp.asarray(batch["frame_mask"]), jnp.asarray(batch["context_mask"]))
@@ -141,7 +142,7 @@ def test_cross_window_never_crosses_the_prompt_boundary():
     nor they its. A spatial block (self-attention within a frame, MLP per token) is used: its
     output at frame t depends on frame t's input and the video tokens its cross-attention
     reads, nothing else. (The whole model mixes frames in its temporal blocks by design.)"""
-    cfg = DiTConfig(width=32, heads=4, depth=2, video_dim=16, cross_window=2, dtype="float32")
+    cfg = dit_config(width=32, heads=4, depth=2, video_dim=16, cross_window=2, dtype="float32")
     block = randomized(Block(cfg, "slots", "frame", nnx.Rngs(0)))
     batch = tiny_batch(lengths=(10, 7), context=3)
     frame_mask, context_mask = jnp.asarray(batch["frame_mask"]), jnp.asarray(batch["context_mask"])
@@ -176,12 +177,12 @@ def test_window_mask_stops_at_the_prompt_boundary():
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="layout"):
-        DiTConfig(layout="tokens")
-    with pytest.raises(ValueError, match="even"):
-        DiTConfig(depth=3)
-    with pytest.raises(ValueError, match="divisible"):
-        DiTConfig(width=100, heads=3)
+    with pytest.raises(UserError, match="model.layout='tokens': expected one of 'slots', 'frame'"):
+        dit_config(layout="tokens")
+    with pytest.raises(UserError, match="model.depth=3: expected an even number"):
+        dit_config(depth=3)
+    with pytest.raises(UserError, match="model.width=100: expected a multiple of model.heads=3"):
+        dit_config(width=100, heads=3)
 
 
 @pytest.mark.parametrize("layout", ["slots", "frame"])
@@ -197,7 +198,7 @@ def test_sabr_l_has_about_600m_parameters(layout):
 def test_every_block_norm_is_parameter_free(layout):
     """As the authors' DiTBlock (norm1, norm2 before the cross-attention, norm3) and final layer:
     LayerNorms without scale or bias; the adaLN modulations do the scaling."""
-    cfg = DiTConfig(layout=layout, width=32, heads=4, depth=2, video_dim=16)
+    cfg = dit_config(layout=layout, width=32, heads=4, depth=2, video_dim=16)
     model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
     for norm in (model.blocks.spatial.norm2, model.blocks.temporal.norm2, model.blocks.spatial.norm1):
         assert norm.scale is None and norm.bias is None
@@ -208,13 +209,17 @@ def test_every_block_norm_is_parameter_free(layout):
     assert affine.blocks.spatial.norm1.scale is None
 
 
-def test_dit_config_defaults_are_the_base_configs():
-    """DiTConfig() is the model base_config() builds (its video_dim left to the dataset: the paper's)."""
+def test_dit_config_fields_are_the_config_model_keys():
+    """Every key of the config's model section is a DiTConfig field of the same name and value (its
+    defaults live in sabr_jax.config alone), and route_frames is data.context_frames."""
     cfg = base_config()
     cfg.model.video_dim = PAPER_SHAPES["model.video_dim"]
-    built, default = model_config(cfg), DiTConfig()
-    for field in dataclasses.fields(DiTConfig):
-        assert getattr(default, field.name) == getattr(built, field.name), field.name
+    built = model_config(cfg)
+    assert {f.name for f in dataclasses.fields(built)} == set(cfg.model) | {"route_frames"}
+    assert built.route_frames == cfg.data.context_frames
+    for key, value in cfg.model.items():
+        expected = {"auto": None, (): None}.get(value, value) if key in ("attention", "patch_grid") else value
+        assert getattr(built, key) == expected, key
 
 
 def _forward_flops(model, patches):
@@ -250,11 +255,11 @@ def test_cheaper_conditioning_cuts_the_video_projections(layout):
 def test_absorbing_cuts_the_frame_layouts_forward(monkeypatch):
     """The frame layout's spatial blocks (one query per frame) absorb their key/value projections
     in the forward: 4 D^2 + 4 H P D FLOPs per frame instead of 4 P D^2 + 4 P D."""
-    import sabr_jax.model
+    import sabr_jax.model.dit
 
     b, length, p, d, heads = 2, 10, 64, 32, 4
     absorbed = _forward_flops(tiny_model("frame"), p)
-    monkeypatch.setattr(sabr_jax.model, "absorbs", lambda *_: False)
+    monkeypatch.setattr(sabr_jax.model.dit, "absorbs", lambda *_: False)
     projected = _forward_flops(tiny_model("frame"), p)
     per_frame = lambda flops: 2 * b * length * flops  # 2 spatial blocks
     assert projected - absorbed == per_frame(4 * p * d * d + 4 * p * d) - per_frame(4 * d * d + 4 * heads * p * d)

@@ -31,3 +31,39 @@ def test_sample_notebook_runs_top_to_bottom(wall, tmp_path, monkeypatch):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "motion " in printed and "axis_angle" in printed and "sample_<k>/" in printed
     assert (tmp_path / "samples" / "sample_0" / "motion.bvh").is_file()
+
+
+def _install_cell():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [c for c in notebook.cells if "network" in c.metadata.get("tags", [])]
+    return cell.source
+
+
+def _run_install(monkeypatch, cwd, source):
+    """Run the install cell in `cwd` as if sabr_jax were not installed; -> the pip commands it ran."""
+    import importlib.util
+    import subprocess
+
+    ran = []
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: ran.append(args))
+    exec(compile(source, "install cell", "exec"), {})
+    return ran
+
+
+def test_install_cell_installs_the_checkout_it_sits_in(monkeypatch):
+    source = _install_cell()
+    assert "github.com/sabr-jax" not in source  # no invented address
+    (pip,) = _run_install(monkeypatch, NOTEBOOK.parent, source)  # Jupyter runs a notebook in its folder
+    assert pip[1:5] == ["-m", "pip", "install", "-q"] and pip[-1] == str(ROOT)
+
+
+def test_install_cell_outside_a_checkout_needs_the_marked_repo_url(monkeypatch, tmp_path):
+    source = _install_cell()
+    assert 'REPO_URL = ""  # <-- SET THIS' in source
+    with pytest.raises(RuntimeError, match="not in a checkout of sabr_jax: set REPO_URL"):
+        _run_install(monkeypatch, tmp_path, source)
+    set_url = source.replace('REPO_URL = ""', 'REPO_URL = "git+https://example.org/me/sabr_jax"')
+    (pip,) = _run_install(monkeypatch, tmp_path, set_url)
+    assert pip[-1] == "git+https://example.org/me/sabr_jax"

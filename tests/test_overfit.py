@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from sabr_jax import sharding
 from sabr_jax.config import demo_config
 from sabr_jax.data import pipeline
 from sabr_jax.data.sources import open_source
-from sabr_jax.trainer import Trainer
+from sabr_jax.parallel import sharding
+from sabr_jax.training.trainer import Trainer
 
 
 @pytest.mark.slow  # about a minute on 2 cores; in CI the demo's held-out table shows learning instead

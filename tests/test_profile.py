@@ -14,7 +14,7 @@ def traces(workdir):
 @pytest.mark.slow  # a 4-step training run: 91 s on the 2 shared cores
 def test_profile_steps_write_a_trace(tmp_path):
     """The window reaches past the run's last step: the trace is stopped when training ends."""
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     assert train(tiny_cfg(4, 100), str(tmp_path), profile_steps=(3, 10))["status"] == "done"
     (trace,) = traces(tmp_path)
@@ -24,7 +24,7 @@ def test_profile_steps_write_a_trace(tmp_path):
 def test_window_stops_after_its_last_step(tmp_path):
     import jax.numpy as jnp
 
-    from sabr_jax.loop import ProfileWindow
+    from sabr_jax.training.loop import ProfileWindow
 
     window = ProfileWindow((2, 4), str(tmp_path / "profile"))
     for step in range(5):  # steps taken so far; the loop's calls around step step + 1

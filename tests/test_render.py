@@ -1,12 +1,12 @@
-"""sabr_jax.render: the overlay video (skeleton and SMPL-mesh modes) and its camera math."""
+"""sabr_jax.body.render: the overlay video (skeleton and SMPL-mesh modes) and its camera math."""
 
 import av
 import numpy as np
 import pytest
 
-from sabr_jax import camera, render, skeleton
-from sabr_jax.cli import UserError
+from sabr_jax.body import camera, render, skeleton
 from sabr_jax.data.video import probe, resampled_frames
+from sabr_jax.errors import UserError
 
 H, W, FPS = 48, 64, 24
 GREY = 90
@@ -83,10 +83,10 @@ FACES = np.array([[0, 1, 2]], np.int32)
 
 def mesh_renderer():
     """A MeshRenderer of TRIANGLE on an H x W image, or the test skipped with why GL cannot start."""
-    from sabr_jax.render_gl import MeshRenderer
+    from sabr_jax.body.render_gl import MeshRenderer
 
     try:
-        return MeshRenderer(FACES, (H, W), render.focal_for((H, W)))
+        return MeshRenderer(FACES, (H, W), camera.full_focal((H, W)))
     except UserError as e:
         pytest.skip(f"no OpenGL renderer here: {e}")
 

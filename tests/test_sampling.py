@@ -6,12 +6,13 @@ import pytest
 from flax import nnx
 from util import tiny_batch, tiny_model
 
-from sabr_jax import sample_plan
-from sabr_jax.cli import UserError
 from sabr_jax.config import base_config
-from sabr_jax.diffusion import GaussianDiffusion
-from sabr_jax.sampling import HEADROOM, denoiser, guided, kv_policy, make_sampler, motion_frames, plan_kv_cache, sample
-from sabr_jax.trainer import build_model
+from sabr_jax.data.pipeline import motion_frames
+from sabr_jax.diffusion.gaussian import GaussianDiffusion
+from sabr_jax.diffusion.kv_cache import HEADROOM, device_bytes, kv_policy, plan_kv_cache
+from sabr_jax.diffusion.sampling import denoiser, guided, make_sampler, plan, sample
+from sabr_jax.errors import UserError
+from sabr_jax.model.factory import build_model
 
 SHAPE = (2, 12, 161)
 
@@ -239,7 +240,7 @@ def test_dry_run_plan_for_a_tiny_config():
     cfg.model.update(width=32, heads=4, depth=4, video_dim=16, dtype="float32", remat="none")
     cfg.data.update(num_patches=3, context_frames=2)
     cfg.sample.update(steps=8)
-    free = sample_plan.plan(cfg, 10, "cpu")
+    free = plan(cfg, 10, "cpu")
     assert free.kv.chosen == 2 and free.kv_cache == "all"
     assert free.pair_bytes == 2 * 2 * 1 * 10 * 3 * 32 * 4  # 2 blocks x (K, V) x B x L x P x D x float32
     none = free.kv.measured[0]
@@ -256,7 +257,7 @@ def test_dry_run_plan_for_a_tiny_config():
     small = free.on(none // 2)
     assert small.kv.chosen is None and small.kv_cache is None and "nothing fits" in small.text()
     with pytest.raises(UserError, match="--device"):
-        sample_plan.device_bytes("v100")
+        device_bytes("v100")
 
 
 @pytest.mark.parametrize("over", [{"kv_share": True}, {"video_latents": 2}])
@@ -268,4 +269,4 @@ def test_dry_run_counts_the_cache_of_cheaper_conditioning(over):
     cfg.sample.update(steps=2)
     model = build_model(cfg, 0)
     kv = model.video_kv(model.embed_video(jnp.zeros((1, 10, 3, 16))), 1)
-    assert sample_plan.plan(cfg, 10, "cpu").pair_bytes == sum(a.nbytes for a in jax.tree.leaves(kv))
+    assert plan(cfg, 10, "cpu").pair_bytes == sum(a.nbytes for a in jax.tree.leaves(kv))

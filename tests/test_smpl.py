@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sabr_jax import motion as M
-from sabr_jax import skeleton, smpl
-from sabr_jax.cli import UserError
+from sabr_jax.body import skeleton, smpl
+from sabr_jax.errors import UserError
 
 V, F = 6890, 13776
 FILE_BETAS = 16  # more shape components in the file than the 10 used

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sabr_jax import camera
 from sabr_jax import motion as M
-from sabr_jax.cli import UserError
-from sabr_jax.data import synth
-from sabr_jax.data import synth_climber as C
-from sabr_jax.data import synth_wall as Wl
+from sabr_jax.body import camera
 from sabr_jax.data import tracks as tr
+from sabr_jax.data.synthclimb import climber as C
+from sabr_jax.data.synthclimb import synth
+from sabr_jax.data.synthclimb import wall as Wl
+from sabr_jax.errors import UserError
 
 HEIGHT, WIDTH = 112, 196
 
@@ -153,6 +153,10 @@ def test_holds_json_and_route_images(clip):
         frame = next(video.decode(video=0)).to_ndarray(format="rgb24")
     route_pixels = (first != Wl.NEUTRAL).any(-1)
     route_colour = first[route_pixels][0].astype(int)
+    # holds.json names the route's colour (what sabr-sample --route_color takes) and the distractors' colours
+    assert Wl.PALETTE[Wl.COLOUR_NAMES.index(holds["route_color"])].tolist() == route_colour.tolist()
+    assert holds["distractor_colors"] and holds["route_color"] not in holds["distractor_colors"]
+    assert set(holds["distractor_colors"]) <= set(Wl.COLOUR_NAMES)
     close = np.abs(frame[route_pixels].astype(int) - route_colour).max(-1) < 90
     assert close.mean() > 0.8
 

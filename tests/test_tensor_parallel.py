@@ -16,10 +16,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
+from util import dit_config
 
-from sabr_jax import sharding
-from sabr_jax.dry_run import COLLECTIVES, collective_counts
-from sabr_jax.model import Block, DiT, DiTConfig
+from sabr_jax.model.dit import Block, DiT
+from sabr_jax.parallel import sharding
+from sabr_jax.training.dry_run import COLLECTIVES, collective_counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {"route_frames": 2, "cross_route": True, "route_adaln": True, "patch_grid": (2, 2), "video_norm": True}
@@ -36,7 +37,7 @@ BOUNDS = {"2x2x2": {"per_block": 30, "total": 110}, "4x1x2": {"per_block": 10, "
 
 
 def abstract_model(layout, **extra):
-    cfg = DiTConfig(layout=layout, width=32, heads=4, depth=2, video_dim=16, **extra)
+    cfg = dit_config(layout=layout, width=32, heads=4, depth=2, video_dim=16, **extra)
     return nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
 
 
@@ -70,7 +71,7 @@ def test_fused_projections_are_sharded_by_whole_heads():
 def test_fused_projection_splits_like_the_flat_layout():
     """The [D, 3, H, Dh] kernel is a flat [D, 3D] one reshaped: q, k, v and their heads come
     out in the order of the flat layout's output features (q | k | v, head after head)."""
-    block = Block(DiTConfig(width=32, heads=4, depth=2, video_dim=16, dtype="float32"), "slots", "frame", nnx.Rngs(0))
+    block = Block(dit_config(width=32, heads=4, depth=2, video_dim=16, dtype="float32"), "slots", "frame", nnx.Rngs(0))
     x = np.random.default_rng(0).normal(size=(2, 3, 5, 32)).astype(np.float32)
     flat = np.split(x @ np.asarray(block.qkv.kernel).reshape(32, 96), 3, axis=-1)
     for ours, theirs in zip(block.qkv(x), flat):
@@ -80,7 +81,7 @@ def test_fused_projection_splits_like_the_flat_layout():
 
 def _collectives_child():
     from sabr_jax.config import demo_config
-    from sabr_jax.dry_run import compile_step
+    from sabr_jax.training.dry_run import compile_step
 
     assert jax.device_count() == 8, jax.devices()
     out = {}

@@ -5,11 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from sabr_jax import sharding
 from sabr_jax.config import demo_config
 from sabr_jax.data import pipeline
 from sabr_jax.motion import MOTION_DIM, NormStats
-from sabr_jax.trainer import Trainer
+from sabr_jax.parallel import sharding
+from sabr_jax.training.trainer import Trainer
 
 GAP = slice(8, 11)  # motion frames 8..10 of the clip are untracked
 CONTEXT, LENGTH, POSITIONS = 4, 20, 32

@@ -18,7 +18,7 @@ def test_dry_run_compiles_for_a_v5p_slice():
     args = [
         sys.executable,
         "-m",
-        "sabr_jax.train",
+        "sabr_jax.cli.train",
         "--config",
         os.path.join(REPO, "configs/demo.py"),
         "--dry_run",

@@ -93,7 +93,7 @@ def start(mode, args, **env):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 8-step run, in this process, with validation figures at steps 3, 6, 8."""
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     workdir = tmp_path_factory.mktemp("reference")
     result = train(tiny_cfg(8, 4, eval_every=3), str(workdir))
@@ -120,10 +120,11 @@ def test_uninterrupted_run_writes_metrics_tensorboard_checkpoints(reference):
 def test_validation_figures_are_deterministic_and_see_the_video(reference):
     """Re-evaluating the reference run's final EMA (a fresh compile, the batches drawn anew)
     gives the logged figures; with its trained params, another example's video changes them."""
-    from sabr_jax import checkpoint, sharding
     from sabr_jax.data.sources import open_source
-    from sabr_jax.loop import validation, validation_line
-    from sabr_jax.trainer import Trainer
+    from sabr_jax.parallel import sharding
+    from sabr_jax.training import checkpoint
+    from sabr_jax.training.loop import validation, validation_line
+    from sabr_jax.training.trainer import Trainer
 
     workdir, _ = reference
     cfg = tiny_cfg(8, 4, eval_every=3)
@@ -140,7 +141,7 @@ def test_validation_figures_are_deterministic_and_see_the_video(reference):
 
 
 def test_rolled_video_is_another_examples():
-    from sabr_jax.trainer import roll_video
+    from sabr_jax.training.trainer import roll_video
 
     batch = {"video": np.arange(3)[:, None] * np.ones((3, 4)), "frame_mask": np.eye(3, 4, dtype=bool)}
     rolled = roll_video(batch)
@@ -149,7 +150,7 @@ def test_rolled_video_is_another_examples():
 
 
 def test_empty_validation_split_skips_evaluation(monkeypatch):
-    from sabr_jax import loop
+    from sabr_jax.training import loop
 
     messages = []
     monkeypatch.setattr(loop, "open_source", lambda cfg, split: ([], None))
@@ -174,7 +175,7 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, reference)
     assert len(saved) == 1 and 2 <= saved[0] < 8, saved  # checkpoint_every=100: only the preemption save
     # Rerun the same command: it resumes and finishes; the losses equal the uninterrupted run's.
     second = subprocess.run(
-        [sys.executable, "-m", "sabr_jax.train", *args],
+        [sys.executable, "-m", "sabr_jax.cli.train", *args],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -196,7 +197,7 @@ def test_sigkill_during_async_save_keeps_the_previous_checkpoint(tmp_path, refer
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     entries = os.listdir(tmp_path / "checkpoints")
     assert "2" in entries and "4" not in entries, entries  # step 4's save never committed
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     result = train(tiny_cfg(8, 2), str(tmp_path))  # resumes from step 2
     assert result["status"] == "done"
@@ -208,8 +209,8 @@ def test_sigkill_during_async_save_keeps_the_previous_checkpoint(tmp_path, refer
 
 def _poison_batch(monkeypatch, bad_batch):
     """Make global batch `bad_batch` carry a NaN in its motion."""
-    from sabr_jax import loop
     from sabr_jax.data import pipeline
+    from sabr_jax.training import loop
 
     real = pipeline.dataset
 
@@ -229,9 +230,10 @@ def _poison_batch(monkeypatch, bad_batch):
 # "skip" ~37 s: in CI, test_train_robust's consecutive skips and test_train_sharded's skipped step cover it
 @pytest.mark.parametrize("mode", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
 def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch, capsys, mode):
-    from sabr_jax import checkpoint, sharding
-    from sabr_jax.loop import train
-    from sabr_jax.trainer import Trainer
+    from sabr_jax.parallel import sharding
+    from sabr_jax.training import checkpoint
+    from sabr_jax.training.loop import train
+    from sabr_jax.training.trainer import Trainer
 
     _poison_batch(monkeypatch, bad_batch=2)  # the third step
     cfg = tiny_cfg(5, 2, on_nonfinite=mode)
@@ -255,13 +257,13 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch, capsys, mode):
 
 
 def test_export_after_training(tmp_path, reference):
-    from sabr_jax import checkpoint
+    from sabr_jax.training import checkpoint
 
     workdir, _ = reference
     export = tmp_path / "export"
     # The run is complete: the same command with --export restores it and only exports.
     proc = subprocess.run(
-        [sys.executable, "-m", "sabr_jax.train", *flags(workdir, 8, 4), "--export", str(export)],
+        [sys.executable, "-m", "sabr_jax.cli.train", *flags(workdir, 8, 4), "--export", str(export)],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -274,10 +276,45 @@ def test_export_after_training(tmp_path, reference):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+def test_best_ema_is_kept_and_early_stopping(tmp_path, monkeypatch):
+    """WORKDIR/best holds the EMA of the evaluation with the lowest val_x0_mse (an export, beside the
+    newest checkpoints), and early_stop_evals=2 ends training two evaluations after it; with
+    export_from='best' that is what is exported, also from the finished run."""
+    from sabr_jax.training import checkpoint, loop
+
+    figures = iter([0.5, 0.4, 0.45, 0.46, 0.3, 0.2])
+    seen = {}
+
+    def fake_validation(cfg, trainer, stats, state, say):
+        def evaluate(params):
+            value = next(figures)
+            seen[value] = jax.device_get(params)
+            return {"val_x0_mse": value, "val_x0_mse_t999": value, "val_x0_mse_shuffled": value}
+
+        return evaluate
+
+    monkeypatch.setattr(loop, "validation", fake_validation)
+    cfg = tiny_cfg(8, 4, eval_every=1, early_stop_evals=2, keep_checkpoints=1, export_from="best")
+    result = loop.train(cfg, str(tmp_path / "w"))
+    assert result["status"] == "done" and result["step"] == 4  # evaluations 0.5, 0.4 (best), 0.45, 0.46: stop
+    assert result["best"] == {"step": 2, "val_x0_mse": 0.4} and "stopped early" in result["message"]
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["4"]
+    params, meta = checkpoint.load_export(str(tmp_path / "w" / "best"))
+    assert meta["best"] == {"step": 2, "val_x0_mse": 0.4}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), seen[0.4])
+    line = checkpoint.export_trained(str(tmp_path / "export"), str(tmp_path / "w"), result, "best")
+    assert line.startswith("the best EMA parameters (step 2, validation x0 MSE 0.4) exported to")
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(checkpoint.load_export(str(tmp_path / "export"))[0]), seen[0.4]
+    )
+    again = loop.train(cfg, str(tmp_path / "w"))  # rerun: it had stopped early, so it stops again at once
+    assert again["step"] == 4 and again["best"] == {"step": 2, "val_x0_mse": 0.4}
+
+
 def _child(mode, argv):
     """Run sabr-train in this process, slowed down or killed as the mode says."""
-    from sabr_jax import checkpoint, metrics_log
-    from sabr_jax.train import run
+    from sabr_jax.cli.train import run
+    from sabr_jax.training import checkpoint, metrics_log
 
     if mode == "slow":
         write = metrics_log.MetricsLog.write

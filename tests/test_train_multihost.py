@@ -1,4 +1,4 @@
-"""Multi-host set-up (sabr_jax.distributed), shared by sabr-train and sabr-prepare.
+"""Multi-host set-up (sabr_jax.parallel.distributed), shared by sabr-train and sabr-prepare.
 
 Training: 2 CPU processes x 4 devices (jax.distributed, gloo) train and
 checkpoint; 1 process x 8 devices on another mesh resumes; the result equals an
@@ -9,7 +9,7 @@ the dataset of both.
 
 The data order holds across process counts because every host reads its rows of one
 global, seeded stream of batches (sabr_jax.data.pipeline), and the data_iter checkpoint
-is that stream's position (sabr_jax.checkpoint), which any number of processes restores.
+is that stream's position (sabr_jax.training.checkpoint), which any number of processes restores.
 """
 
 import json
@@ -65,8 +65,9 @@ def run_processes(module: str, args: list, count: int, devices: int) -> list[str
 
 
 def final_state(workdir, cfg):
-    from sabr_jax import checkpoint, sharding
-    from sabr_jax.trainer import Trainer
+    from sabr_jax.parallel import sharding
+    from sabr_jax.training import checkpoint
+    from sabr_jax.training.trainer import Trainer
 
     mngr = checkpoint.manager(str(workdir), 3)
     state, _, position = checkpoint.restore(
@@ -77,18 +78,18 @@ def final_state(workdir, cfg):
 
 
 def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_path):
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     work, ref_dir = tmp_path / "run", tmp_path / "reference"
     # 2 processes x 4 devices, mesh data=2 fsdp=2 tensor=2 across both hosts; stop at step 3.
     first = flags(work, FIRST, 100, EPS, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
-    outs = run_processes("sabr_jax.train", first, 2, 4)
+    outs = run_processes("sabr_jax.cli.train", first, 2, 4)
     assert "2 process(es), 8 devices" in outs[0]
     assert sorted(os.listdir(work / "checkpoints")) == [str(FIRST)]
     # 1 process x 8 devices, another mesh (fsdp=8), the same workdir: resumes at step 3.
     second = flags(work, TOTAL, 100, EPS, "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1")
     proc = subprocess.run(
-        [sys.executable, "-m", "sabr_jax.train", *second],
+        [sys.executable, "-m", "sabr_jax.cli.train", *second],
         cwd=REPO,
         env=env(8),
         capture_output=True,
@@ -119,8 +120,8 @@ def test_two_hosts_checkpoint_one_host_resumes_like_an_uninterrupted_run(tmp_pat
 @pytest.mark.slow  # ~75 s on 2 cores
 def test_two_hosts_prepare_one_dataset(tmp_path):
     """sabr-prepare joins the job through the same flags and function as sabr-train
-    (sabr_jax.distributed): each process encodes its half of the clips, process 0 builds them all."""
-    from sabr_jax.data import synth
+    (sabr_jax.parallel.distributed): each process encodes its half of the clips, process 0 builds them all."""
+    from sabr_jax.data.synthclimb import synth
 
     clips = tmp_path / "clips"
     for i in range(2):

@@ -2,7 +2,7 @@
 on the same workdir, a failed save, all-non-finite steps, and an export read on another mesh.
 
 Each case ends in one line that says what happened and what to do (the exceptions are
-`sabr_jax.cli.UserError`s, which the console scripts print as one line)."""
+`sabr_jax.errors.UserError`s, which the console scripts print as one line)."""
 
 import json
 import os
@@ -22,7 +22,7 @@ from test_train_loop import REPO, child_env, flags, records, start, tiny_cfg
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4."""
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     workdir = tmp_path_factory.mktemp("finished")
     assert train(tiny_cfg(4, 2), str(workdir))["status"] == "done"
@@ -43,8 +43,8 @@ def copy_of(workdir, tmp_path):
     ],
 )
 def test_changed_model_stops_before_restoring(finished, tmp_path, key, value, expected):
-    from sabr_jax.checkpoint import ConfigMismatch
-    from sabr_jax.loop import train
+    from sabr_jax.training.checkpoint import ConfigMismatch
+    from sabr_jax.training.loop import train
 
     workdir = copy_of(finished, tmp_path)
     cfg = tiny_cfg(6, 2)
@@ -69,7 +69,7 @@ def _damage(workdir, how):
 
 @pytest.mark.parametrize("how", ["truncated", "metadata_removed"])
 def test_damaged_newest_checkpoint_resumes_from_the_previous(finished, tmp_path, capsys, how):
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     workdir = copy_of(finished, tmp_path)
     _damage(workdir, how)
@@ -88,8 +88,8 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(finished, tmp_path,
 
 
 def test_no_readable_checkpoint_names_the_directory(finished, tmp_path):
-    from sabr_jax.cli import UserError
-    from sabr_jax.loop import train
+    from sabr_jax.errors import UserError
+    from sabr_jax.training.loop import train
 
     workdir = copy_of(finished, tmp_path)
     for step in ("2", "4"):
@@ -105,7 +105,7 @@ def test_second_run_on_a_workdir_fails_at_once(tmp_path):
         time.sleep(0.1)
     assert first.poll() is None, first.communicate()[0][-3000:]
     second = subprocess.run(
-        [sys.executable, "-m", "sabr_jax.train", *flags(tmp_path, 1000, 1000), "--config.optim.lr=0.01"],
+        [sys.executable, "-m", "sabr_jax.cli.train", *flags(tmp_path, 1000, 1000), "--config.optim.lr=0.01"],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -129,7 +129,7 @@ def test_second_run_on_a_workdir_fails_at_once(tmp_path):
 
 
 def test_stale_lock_is_taken_over(tmp_path, capsys):
-    from sabr_jax.loop import train
+    from sabr_jax.training.loop import train
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then"}))
@@ -141,8 +141,8 @@ def test_stale_lock_is_taken_over(tmp_path, capsys):
 
 def test_failed_save_stops_at_once_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
     """The checkpoints directory is replaced by a file before step 4's save: a real OS error."""
-    from sabr_jax import checkpoint
-    from sabr_jax.loop import train
+    from sabr_jax.training import checkpoint
+    from sabr_jax.training.loop import train
 
     save = checkpoint.save
 
@@ -174,7 +174,7 @@ def _tmpfs_available() -> bool:
 def test_full_disk_stops_training_with_one_line(tmp_path):
     """Checkpoints on a tmpfs that holds one of them: the second save runs out of space."""
     (tmp_path / "checkpoints").mkdir()
-    child = " ".join([sys.executable, "-m", "sabr_jax.train", *flags(tmp_path, 8, 2)])
+    child = " ".join([sys.executable, "-m", "sabr_jax.cli.train", *flags(tmp_path, 8, 2)])
     script = f"mount -t tmpfs -o size=1200k tmpfs {tmp_path / 'checkpoints'} && exec {child}"
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
@@ -187,8 +187,8 @@ def test_full_disk_stops_training_with_one_line(tmp_path):
 
 
 def test_all_nonfinite_steps_stop_after_max_consecutive_skips(tmp_path, monkeypatch, capsys):
-    from sabr_jax import loop
-    from sabr_jax.loop import train
+    from sabr_jax.training import loop
+    from sabr_jax.training.loop import train
 
     real = loop.pipeline.dataset
 
@@ -212,7 +212,7 @@ def test_all_nonfinite_steps_stop_after_max_consecutive_skips(tmp_path, monkeypa
 
 
 def test_export_from_8_devices_loads_and_samples_on_1(tmp_path):
-    from sabr_jax.eval.evaluate import load_model
+    from sabr_jax.sample.export import load
 
     export = tmp_path / "export"
     env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -220,7 +220,7 @@ def test_export_from_8_devices_loads_and_samples_on_1(tmp_path):
         [
             sys.executable,
             "-m",
-            "sabr_jax.train",
+            "sabr_jax.cli.train",
             *flags(tmp_path / "w", 2, 100),
             "--config.mesh.data=1",
             "--config.mesh.fsdp=8",
@@ -236,7 +236,7 @@ def test_export_from_8_devices_loads_and_samples_on_1(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in proc.stderr + proc.stdout
     assert jax.device_count() == 1
-    params, cfg, _, sampler = load_model(str(export), steps=4)
+    params, cfg, _, sampler, _ = load(str(export), steps=4)
     assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(params))
     length, patches = cfg.data.max_frames, cfg.data.num_patches
     batch = {
@@ -246,3 +246,52 @@ def test_export_from_8_devices_loads_and_samples_on_1(tmp_path):
     }
     (motion,) = sampler(params, batch, jax.random.PRNGKey(0))  # the motion frames only
     assert motion.shape == (length - 2, 161) and np.isfinite(motion).all()
+
+
+OLD_KEYS = ("kv_share", "cross_norm_affine")  # model.* keys added after exports and checkpoints were written
+
+
+def test_export_written_before_newer_model_keys_loads_and_samples(tmp_path):
+    """An export whose config lacks keys added since (sabr_jax.config.ADDED_KEYS) reads each as the
+    value that reproduces the old model, and samples."""
+    from flax import nnx
+
+    from sabr_jax.config import ADDED_KEYS
+    from sabr_jax.model.factory import build_model
+    from sabr_jax.motion import NormStats
+    from sabr_jax.sample.export import load
+    from sabr_jax.training import checkpoint
+
+    cfg = tiny_cfg(2, 100)
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, 0)))
+    meta = checkpoint.meta(cfg, NormStats.from_data(np.random.default_rng(0).normal(size=(20, 161))))
+    for key in OLD_KEYS:
+        del meta["config"]["model"][key]
+    checkpoint.export_ema(str(tmp_path / "old"), params, meta)
+    model = load(str(tmp_path / "old"), steps=2)
+    for key in OLD_KEYS:
+        assert model.cfg.model[key] == ADDED_KEYS[f"model.{key}"]
+    length, patches = 16, model.cfg.data.num_patches
+    batch = {
+        "video": np.zeros((1, length, patches, model.cfg.model.video_dim), np.float32),
+        "frame_mask": np.ones((1, length), bool),
+        "context_mask": np.arange(length)[None] < 2,
+    }
+    (motion,) = model.sampler(model.params, batch, jax.random.PRNGKey(0))
+    assert motion.shape == (length - 2, 161) and np.isfinite(motion).all()
+
+
+def test_checkpoint_written_before_newer_model_keys_resumes(finished, tmp_path, capsys):
+    from sabr_jax.training.loop import train
+
+    workdir = copy_of(finished, tmp_path)
+    for step in ("2", "4"):
+        path = workdir / "checkpoints" / step / "meta" / "metadata"
+        saved = json.loads(path.read_text())
+        for key in OLD_KEYS:
+            del saved["config"]["model"][key]
+        path.write_text(json.dumps(saved))
+    result = train(tiny_cfg(6, 2), str(workdir))
+    text = capsys.readouterr()
+    assert result["status"] == "done" and result["step"] == 6
+    assert "resuming from step 4" in text.out + text.err

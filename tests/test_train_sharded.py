@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sabr_jax import sharding
 from sabr_jax.config import demo_config
-from sabr_jax.trainer import Trainer, ema_update
+from sabr_jax.parallel import sharding
+from sabr_jax.training.trainer import Trainer, ema_update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def tiny_config(**mesh):
 
 def batches(cfg, n):
     from sabr_jax.data.sources import open_source
-    from sabr_jax.loop import process_batches
+    from sabr_jax.training.loop import process_batches
 
     source, stats = open_source(cfg)
     it = process_batches(cfg, source, stats, sharding.make_mesh(cfg.mesh, jax.devices()[:1]), cfg.seed)
@@ -157,7 +157,7 @@ def test_nonfinite_step_changes_nothing_but_step():
 
 
 def test_nonfinite_report_names_the_quantity():
-    from sabr_jax.loop import nonfinite_report
+    from sabr_jax.training.loop import nonfinite_report
 
     names = ["a/kernel", "b/bias"]
     assert nonfinite_report(3, {"finite": 1.0}, names) is None
@@ -177,7 +177,7 @@ def test_nonfinite_report_names_the_quantity():
 
 
 def test_jaxpr_flops_counts_scan_trips():
-    from sabr_jax.flops import jaxpr_flops
+    from sabr_jax.parallel.flops import jaxpr_flops
 
     x, w = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
     scanned = jax.make_jaxpr(lambda x, w: jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0])(x, w)
@@ -189,7 +189,7 @@ def test_jaxpr_flops_counts_scan_trips():
 def test_matmuls_lists_each_shape_with_its_count():
     """`flops.matmuls`: each distinct dot_general once, counted over scan trips; a cond counts its
     most expensive branch; jaxpr_flops is their total."""
-    from sabr_jax.flops import jaxpr_flops, matmuls
+    from sabr_jax.parallel.flops import jaxpr_flops, matmuls
 
     x, w = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
 

@@ -5,14 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sabr_jax.model import DiT, DiTConfig
+from sabr_jax.config import base_config
+from sabr_jax.model.dit import DiT
+from sabr_jax.model.dit_config import DiTConfig
+from sabr_jax.model.factory import model_config
+
+
+def dit_config(route_frames: int | None = None, **model) -> DiTConfig:
+    """The DiTConfig of base_config() with `model` overriding keys of its model section (and
+    route_frames its data.context_frames): how every DiTConfig is made (model_config)."""
+    cfg = base_config()
+    cfg.model.update(model)
+    if route_frames is not None:
+        cfg.data.context_frames = route_frames
+    return model_config(cfg)
 
 
 def tiny_model(layout="slots", seed=0, randomize=True, **overrides):
     """A 2-pair DiT; with randomize, every parameter (the zero-initialised ones too) is random."""
     fields = dict(layout=layout, width=32, heads=4, depth=4, video_dim=16, dtype="float32", remat="none")
     fields.update(overrides)
-    model = DiT(DiTConfig(**fields), rngs=nnx.Rngs(seed))
+    model = DiT(dit_config(**fields), rngs=nnx.Rngs(seed))
     if randomize:
         graphdef, state = nnx.split(model)
         leaves, treedef = jax.tree.flatten(state)

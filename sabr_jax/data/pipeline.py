@@ -23,7 +23,7 @@ frames, then padding:
     frame_mask    [L] bool           True on context and motion frames (untracked ones too)
     context_mask  [L] bool           True on context frames
     motion_mask   [L] bool           True on motion frames whose motion is known (tracked):
-                                     the frames the loss counts (sabr_jax.trainer)
+                                     the frames the loss counts (sabr_jax.training.trainer)
 
 An untracked frame keeps its time position and video tokens (frame_mask True), so the
 window is not spliced in time; only the loss leaves it out. Its stored motion (zeros) is
@@ -36,6 +36,8 @@ import dataclasses
 from typing import Protocol
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sabr_jax.motion import MOTION_DIM, NormStats, fill_gaps
@@ -146,3 +148,25 @@ def compute_stats(source: ClipSource) -> NormStats:
     clips = [source.read(i, 0, source.num_frames(i)) for i in range(len(source))]
     masks = [c.get("motion_mask", np.ones(len(c["motion"]), bool)) for c in clips]
     return NormStats.from_data(np.concatenate([c["motion"] for c in clips]), np.concatenate(masks))
+
+
+def motion_frames(batch) -> jax.Array:
+    """[B, L] bool: the motion frames of a batch (real frames that are not context frames)."""
+    return batch["frame_mask"] & ~batch["context_mask"]
+
+
+def abstract_batch(cfg, batch_sharding) -> dict:
+    """ShapeDtypeStructs of one global batch of cfg (batch_size x data.max_frames positions), as
+    `dataset` lays it out; video tokens in the compute dtype (what ahead-of-time compiles take)."""
+    b, frames, p = cfg.batch_size, cfg.data.max_frames, cfg.data.num_patches
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+
+    return {
+        "motion": spec((b, frames, MOTION_DIM), jnp.float32),
+        "video": spec((b, frames, p, cfg.model.video_dim), jnp.dtype(cfg.model.dtype)),
+        "frame_mask": spec((b, frames), jnp.bool_),
+        "context_mask": spec((b, frames), jnp.bool_),
+        "motion_mask": spec((b, frames), jnp.bool_),
+    }

@@ -7,7 +7,7 @@ import ml_collections
 
 from sabr_jax import config as config_lib
 from sabr_jax.data import pipeline
-from sabr_jax.data.synthetic import SyntheticClips
+from sabr_jax.data.synthetic_source import SyntheticClips
 from sabr_jax.motion import NormStats
 
 
@@ -24,7 +24,7 @@ def resolve_shapes(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     data = cfg.data
     values = dict(config_lib.PAPER_SHAPES)
     if data.source == "tfds" and data.dir:
-        from sabr_jax.data import tfds_source
+        from sabr_jax.data.store import tfds_source
 
         source = tfds_source.TfdsClips(data.dir, "train")
         tfds_source.check(cfg, source)
@@ -63,7 +63,7 @@ def open_source(cfg: ml_collections.ConfigDict, split: str = "train") -> tuple[p
         source = train if split == "train" else clips(data.num_clips)  # new clips, same world
         return source, pipeline.compute_stats(train)
     if data.source == "tfds":
-        from sabr_jax.data.tfds_source import open_tfds
+        from sabr_jax.data.store.tfds_source import open_tfds
 
         return open_tfds(data.dir, split, cfg=cfg)
     raise ValueError(f"data.source must be 'synthetic' or 'tfds', got {data.source!r}")

@@ -19,8 +19,8 @@ Rules:
 * The climber's track is the track id *detected* (in `tracked_ids`) in the most frames;
   ties go to the smallest id. Ghost entries (listed in `tid`, not detected) neither count
   nor are used: a frame where the climber is not detected has no motion (`present` False,
-  zeros). sabr-prepare keeps such frames in place, masked out of the loss (see
-  sabr_jax.data.prepare), so that the video is not spliced in time.
+  zeros); so has, for sabr-prepare, a frame whose values cannot be used (NaN, inf: BadValues). sabr-prepare keeps such frames in place, masked out of the loss (see
+  sabr_jax.data.prepare.build), so that the video is not spliced in time.
   Never by list position: people are listed in any order.
 * The motion vector of a frame (see sabr_jax.motion): bbox / [W, H, W, H], camera_bbox,
   (global_orient, body_pose) as 6D, betas.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -47,6 +46,11 @@ from sabr_jax.data import video as vid
 
 class TrackError(ValueError):
     """Tracks that cannot be read or used; the message names the file, frame and field."""
+
+
+class BadValues(TrackError):
+    """A frame whose values cannot be used (non-finite, or matrices that are not rotations), in a file
+    that is otherwise well-formed: `climber_motion(..., bad=...)` masks such frames."""
 
 
 # ---------------------------------------------------------------- restricted unpickler
@@ -89,9 +93,21 @@ def load_tracks(path: str | os.PathLike):
 
 
 # ---------------------------------------------------------------- selection and conversion
-def natural_key(name) -> tuple:
-    parts = re.split(r"(\d+)", str(name))
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+def check_frame_count(
+    tracks_path, track_frames: int, video_path, video_frames: int, tolerance: int, verb: str = "decodes to"
+) -> None:
+    """TrackError unless the tracks' frame count is within `tolerance` of the video's (the i-th sorted
+    frame name is the i-th video frame); verb says how the video's count is known ('declares')."""
+    if abs(track_frames - video_frames) <= tolerance:
+        return
+    if track_frames > video_frames:
+        what = f"tracks for {track_frames - video_frames} frames the video lacks"
+    else:
+        what = f"{video_frames - track_frames} video frames have no track entry"
+    raise TrackError(
+        f"{tracks_path} lists {track_frames} frames but {video_path} {verb} {video_frames} frames: {what} "
+        f"(tolerance --frame_tolerance={tolerance}); the i-th sorted frame name must be the i-th video frame"
+    )
 
 
 def frame_names(tracks: Mapping, path: str = "tracks.pkl") -> list:
@@ -99,7 +115,7 @@ def frame_names(tracks: Mapping, path: str = "tracks.pkl") -> list:
         raise TrackError(f"{path}: expected a dict keyed by frame name, got {type(tracks).__name__}")
     if not tracks:
         raise TrackError(f"{path}: no frames")
-    return sorted(tracks, key=natural_key)
+    return sorted(tracks, key=vid.natural_key)
 
 
 def _ids(frame: Mapping, field: str, path: str, name) -> list[int]:
@@ -165,7 +181,7 @@ def _array(value, path, name, tid, label, shape) -> np.ndarray:
                 f"{path}: frame {name!r}, track {tid}: field '{label}' has shape {arr.shape}, expected {shape}"
             )
     if not np.all(np.isfinite(arr)):
-        raise TrackError(f"{path}: frame {name!r}, track {tid}: field '{label}' has non-finite values (NaN or inf)")
+        raise BadValues(f"{path}: frame {name!r}, track {tid}: field '{label}' has non-finite values (NaN or inf)")
     return arr
 
 
@@ -196,7 +212,7 @@ def motion_vector(frame: Mapping, tid: int, path: str, name, image_hw: tuple[int
     rotations = np.concatenate([parts["global_orient"], parts["body_pose"]])  # [24, 3, 3]
     error = np.abs(np.swapaxes(rotations, -1, -2) @ rotations - np.eye(3)).max()
     if error > 1e-2:
-        raise TrackError(
+        raise BadValues(
             f"{path}: frame {name!r}, track {tid}: 'smpl' holds matrices that are not rotations (|R^T R - I| = {error:.3g})"
         )
     rot6d = M.matrix_to_rot6d(rotations).reshape(-1)
@@ -206,13 +222,16 @@ def motion_vector(frame: Mapping, tid: int, path: str, name, image_hw: tuple[int
 
 
 def climber_motion(
-    tracks: Mapping, path: str = "tracks.pkl", image_hw: tuple[int, int] | None = None
+    tracks: Mapping, path: str = "tracks.pkl", image_hw: tuple[int, int] | None = None, bad: dict | None = None
 ) -> tuple[int, list, np.ndarray, np.ndarray]:
     """(track id, sorted frame names, present [N] bool, motion [N, 161] float32).
 
     Frame i of the result is the i-th sorted frame name; `present[i]` is False where the
     climber is not detected (motion is zero there). Raises TrackError with the file, frame
-    and field of the first problem.
+    and field of the first problem. With `bad` (a dict), a detected frame whose values cannot
+    be used (BadValues: NaN, inf, matrices that are not rotations) is not an error: it is
+    treated as a frame where the tracker lost the climber (present False, zeros) and
+    bad[i] gets the reason; other faults (a missing field, a wrong shape) still raise.
     """
     names, counts = detections(tracks, path)
     tid = choose_track(counts)
@@ -225,6 +244,12 @@ def climber_motion(
         listed = _ids(frame, "tid", path, name)
         detected = _ids(frame, "tracked_ids", path, name) if "tracked_ids" in frame else listed
         if tid in detected and tid in listed:
-            vectors[i] = motion_vector(frame, tid, path, name, image_hw)
+            try:
+                vectors[i] = motion_vector(frame, tid, path, name, image_hw)
+            except BadValues as error:
+                if bad is None:
+                    raise
+                bad[i] = str(error)
+                continue
             present[i] = True
     return tid, names, present, vectors

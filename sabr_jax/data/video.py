@@ -26,6 +26,7 @@ track's `size` must have the upright frame's orientation (`orientation_mismatch`
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -113,8 +114,11 @@ def resampled_frames(
     size: tuple[int, int] | None = FRAME_SIZE,
     fps: int = OUTPUT_FPS,
     stats: dict | None = None,
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Decode and resample to `fps`; yields (output index k, source index i, uint8 [h, w, 3]).
+    source: bool = False,
+) -> Iterator[tuple]:
+    """Decode and resample to `fps`; yields (output index k, source index i, uint8 [h, w, 3]), and
+    with source=True the same frame at the source size too (k, i, pixels, uint8 [H, W, 3]): one
+    decode for both.
 
     Only output frames whose source frame passes `keep(i)` are converted to pixels and
     yielded (the others cost a decode, no resize). Frames are turned upright (the
@@ -154,8 +158,10 @@ def resampled_frames(
             if out_hw is None:
                 out_hw = oriented(size, *upright_hw(frame, turns)) if size else upright_hw(frame, turns)
             height, width = out_hw[::-1] if turns % 2 else out_hw  # the stored (sideways) frame's
-            pixels = frame.to_ndarray(format="rgb24", height=height, width=width, interpolation="AREA")
-            return k, i, np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
+            pixels = [frame.to_ndarray(format="rgb24", height=height, width=width, interpolation="AREA")]
+            if source:
+                pixels.append(frame.to_ndarray(format="rgb24"))
+            return k, i, *(np.ascontiguousarray(np.rot90(p, turns)) if turns else p for p in pixels)
 
         try:
             for frame in container.decode(stream):
@@ -200,19 +206,23 @@ def resampled_frames(
             )
 
 
+def natural_key(name) -> tuple:
+    """A sort key that compares the digit runs of a name as numbers: frame_9 before frame_10."""
+    parts = re.split(r"(\d+)", str(name))
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
 def read_context(
     folder: str | os.PathLike, size: tuple[int, int] | None = FRAME_SIZE, limit: int | None = None
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """The route images of a clip: (names used, uint8 [C, h, w, 3] at `size`, names dropped).
 
     The PNGs of `folder` are taken in natural name order, as track frames are (runs of
-    digits compare as numbers: 2.png before 10.png; sabr_jax.data.tracks.natural_key);
+    digits compare as numbers: 2.png before 10.png; sabr_jax.data.video.natural_key);
     the first `limit` (None: all) are read, the rest are dropped and named in the third
     value so that the caller can say so.
     """
     from PIL import Image
-
-    from sabr_jax.data.tracks import natural_key
 
     folder = Path(folder)
     names = sorted((p.name for p in folder.glob("*.png")), key=natural_key) if folder.is_dir() else []

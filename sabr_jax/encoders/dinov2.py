@@ -50,6 +50,9 @@ __all__ = [
     "target_size",
 ]
 
+PATCH = Dinov2Config.patch_size  # pixels per patch side (14)
+# Seeded random weights instead of a checkpoint, by size (tests and demos; sabr_jax.encoders.frames.make_encoder)
+RANDOM_ENCODERS = ("random-s", "random-b", "random-l", "random-g", "random-tiny")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

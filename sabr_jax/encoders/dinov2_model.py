@@ -114,7 +114,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     1.4-3.5x faster than the all-at-once version at T = 705 (ViT-L, ViT-S on
     2 cores); same numbers to float rounding.
 
-    Why not `sabr_jax.attention.dot_product_attention`: on CPU its XLA path is 3.6-3.9x slower at T = 705 (4 frames,
+    Why not `sabr_jax.model.attention.dot_product_attention`: on CPU its XLA path is 3.6-3.9x slower at T = 705 (4 frames,
     6 or 16 heads: 0.42 vs 0.12 s) and on TPU it would pick splash, which needs a mesh in context that
     `frame_encoder.FrameEncoder`'s multi-device jit does not set.
     """

@@ -1,6 +1,6 @@
 """The paper's metrics for an exported model on the held-out clips of a dataset (`sabr-eval`).
 
-    evaluate(EXPORT_DIR, DATA, OUT)     # the command line: sabr-eval, sabr_jax.eval.evaluate_cli
+    evaluate(EXPORT_DIR, DATA, OUT)     # the command line: sabr-eval, sabr_jax.cli.eval
 
 EXPORT_DIR is what `sabr-train --export` (or sabr-demo) writes; DATA is the --data_dir of
 sabr-prepare. Every held-out clip is scored whole, from its first frame, with its route
@@ -17,6 +17,8 @@ images as the prompt, against five motions (the rows of the table):
     ground_truth    the true motion: movement MSE 0; its adherence is the ceiling the
                     annotations allow
 
+Every figure is over the frames where the true motion is known: frames where the tracker
+lost the climber (motion_mask False) are left out, as training leaves them out of the loss.
 Movement MSE is reported in normalised units (the dataset's train-split NormStats; 1.0
 is predicting the mean) and raw 161-value units (the paper's); route adherence and
 distractors touched follow sabr_jax.eval.metrics (clips need holds annotations). OUT
@@ -25,8 +27,9 @@ samples.npz (the model's motions: raw [T, 161], motion frames only, keyed by cli
 
 Frame alignment with holds.json's `view`: motion frame t of a clip (or of a part of a
 clip longer than sabr-prepare's --max_seconds) is taken as 24-FPS frame
-source_frames[0] + t. That holds when the tracker saw the climber in every frame;
-sabr-prepare drops the frames where it did not, which shifts later frames.
+source_frames[0] + t: sabr-prepare keeps the frames where the tracker lost the climber in
+place (masked; they are left out of the scores), so the motion frames stay aligned with the
+video's frames between the first and last tracked one.
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sabr_jax import inference
-from sabr_jax.cli import UserError
 from sabr_jax.data import pipeline
-from sabr_jax.data.tfds_builder import INDEX_FILE
-from sabr_jax.data.tfds_source import TfdsClips, open_tfds
+from sabr_jax.data.store.tfds_builder import INDEX_FILE
+from sabr_jax.data.store.tfds_source import TfdsClips, open_tfds
+from sabr_jax.errors import UserError
 from sabr_jax.eval import metrics as M
 from sabr_jax.eval.plots import plot_adherence
+from sabr_jax.sample import export, inputs
 
 ROWS = ("model", "mean_motion", "random_clip", "shuffled_video", "ground_truth")
+PAIRED = ("shuffled_video", "random_clip")  # rows the model is compared with wall by wall (`paired`)
+PAIRED_METRICS = ("movement_mse", "route_adherence")
 SAMPLED = ("model", "shuffled_video")
 PER_VIDEO = (
     "movement_mse",
@@ -69,24 +74,20 @@ def fit(frames: np.ndarray, length: int) -> np.ndarray:
     return np.concatenate([frames, np.repeat(last, length - len(frames), axis=0)])
 
 
-def load_model(export_dir: str, steps: int | None = None, method: str | None = None):
-    """-> (params, cfg, the checkpoint's NormStats, sampler) of an export (sabr_jax.inference.load,
-    sabr-sample's loader); steps/method override cfg.sample."""
-    return inference.load(export_dir, steps, method)[:4]
-
-
 def _holds(source: TfdsClips, index: int) -> M.Holds | None:
     raw = source.clips[index].get("holds")
     where = f"{source.path / INDEX_FILE}: split {source.split!r}, clip {source.clip_id(index)!r}, field 'holds' (from its holds.json)"
     return None if raw is None else M.Holds.from_json(raw, where)
 
 
-def _score(pred, truth, stats, holds, first_frame, radius_scale, min_frames, joint_pixels) -> dict:
-    """The per-video figures of one motion pred [T, 161] (raw) against truth [T, 161]."""
+def _score(pred, truth, known, stats, holds, first_frame, radius_scale, min_frames, joint_pixels) -> dict:
+    """The per-video figures of one motion pred [T, 161] (raw) against truth [T, 161], over the
+    frames where the truth is known (known [T] bool: the clip's motion_mask)."""
+    frames = (first_frame + np.arange(len(pred)))[known]
+    pred, truth = pred[known], truth[known]
     out = {"movement_mse": M.movement_mse(pred, truth, stats), "movement_mse_raw": M.movement_mse(pred, truth)}
     if holds is None:
         return out | {k: None for k in PER_VIDEO[2:]}
-    frames = first_frame + np.arange(len(pred))
     return out | M.route_adherence(
         pred, holds, frames, radius_scale=radius_scale, min_frames=min_frames, joint_pixels=joint_pixels
     )
@@ -95,19 +96,19 @@ def _score(pred, truth, stats, holds, first_frame, radius_scale, min_frames, joi
 def _sample(source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed):
     """Sample the `model` and `shuffled_video` rows of clips 0..len(lengths)-1, whole, from their first frame.
 
-    Returns (true motions, {row: sampled motions}), each a list over clips of raw [T, 161]
-    motion frames. Clip i's shuffled_video example has the video and route tokens of clip
+    Returns (true motions, their motion_masks, {row: sampled motions}), each a list over clips
+    (motions raw [T, 161], masks [T] bool). Clip i's shuffled_video example has the video and route tokens of clip
     i+1 (mod n) fitted to clip i's masks, and the same key as its model example.
     """
     n = len(lengths)
-    truths, sampled = [None] * n, {row: [None] * n for row in SAMPLED}
+    truths, masks, sampled = [None] * n, [None] * n, {row: [None] * n for row in SAMPLED}
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     with tqdm(total=2 * len(batches), desc="sabr-eval sampling", unit="batch") as progress:
         for b, indices in enumerate(batches):
             clips = {i: source.read(i, 0, lengths[i]) for i in indices + [(indices[-1] + 1) % n]}
             own, shuffled = [], []
             for i in indices:
-                truths[i], other = clips[i]["motion"], clips[(i + 1) % n]
+                truths[i], masks[i], other = clips[i]["motion"], clips[i]["motion_mask"], clips[(i + 1) % n]
                 own.append(pipeline.assemble(clips[i], positions, contexts[i], model_stats))
                 swapped = {
                     "motion": truths[i],
@@ -124,7 +125,7 @@ def _sample(source, contexts, lengths, positions, params, model_stats, sampler, 
                     assert len(motions[r]) == lengths[i], (len(motions[r]), lengths[i])
                     sampled[row][i] = model_stats.denormalize(motions[r])
                 progress.update()
-    return truths, sampled
+    return truths, masks, sampled
 
 
 def _mean(values) -> float | None:
@@ -140,6 +141,7 @@ def evaluate(
     split: str = "validation",
     steps: int | None = None,
     method: str | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     max_clips: int | None = None,
     batch_size: int = 4,
@@ -150,14 +152,14 @@ def evaluate(
 ) -> dict:
     """Score an export on a split of a prepared dataset; write OUT's files; return metrics.json's dict.
 
-    steps / method override the export's cfg.sample; seed drives the sampling noise and
-    the random_clip choice; batch_size clips are sampled at once; joint_pixels replaces
-    sabr_jax.camera.joint_pixels (e.g. with a SMPL body model).
+    steps / method / guidance (the classifier-free guidance scale) override the export's
+    cfg.sample; seed drives the sampling noise, the random_clip choice and the bootstrap; batch_size clips are sampled at once; joint_pixels replaces
+    sabr_jax.body.camera.joint_pixels (e.g. with a SMPL body model).
     """
     if batch_size < 1 or (max_clips is not None and max_clips < 1) or (steps is not None and steps < 1):
         raise UserError(f"batch_size, max_clips and steps must be >= 1, got {batch_size}, {max_clips}, {steps}")
     start_time = time.time()
-    params, cfg, model_stats, sampler = load_model(export_dir, steps, method)
+    params, cfg, model_stats, sampler, _ = export.load(export_dir, steps, method, guidance)
     source, stats = open_tfds(data_dir, split, cfg=cfg)
     train = source if split == "train" else TfdsClips(data_dir, "train")
     n = len(source) if max_clips is None else min(len(source), max_clips)
@@ -188,13 +190,15 @@ def evaluate(
 
     contexts = [min(source.num_context(i), cfg.data.context_frames) for i in range(n)]
     lengths = [source.num_frames(i) for i in range(n)]
-    positions = inference.time_positions(max(c + t for c, t in zip(contexts, lengths)))  # one compile for all
+    positions = inputs.time_positions(max(c + t for c, t in zip(contexts, lengths)))  # one compile for all
     batch_size = min(batch_size, n)
     log(
         f"evaluating {n} clips of split {split!r} ({source.path}): {positions} time positions, "
         f"{cfg.sample.steps} {cfg.sample.method} steps, batches of {batch_size}"
     )
-    truths, sampled = _sample(source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed)
+    truths, masks, sampled = _sample(
+        source, contexts, lengths, positions, params, model_stats, sampler, batch_size, seed
+    )
 
     rng = np.random.default_rng(seed)
     rows = {row: [] for row in ROWS}
@@ -213,11 +217,12 @@ def evaluate(
         first_frame = source.clips[i].get("source_frames", [0])[0]
         for row in ROWS:
             scores = _score(
-                motions[row], truths[i], stats, holds[i], first_frame, radius_scale, min_frames, joint_pixels
+                motions[row], truths[i], masks[i], stats, holds[i], first_frame, radius_scale, min_frames, joint_pixels
             )
             rows[row].append({"clip_id": clip_id, "frames": lengths[i], **scores})
 
     result = {
+        "paired": paired(rows, seed),
         "rows": {
             row: {
                 "movement_mse": _mean(v["movement_mse"] for v in videos),
@@ -235,6 +240,7 @@ def evaluate(
             "clips": n,
             "steps": cfg.sample.steps,
             "method": cfg.sample.method,
+            "guidance_scale": cfg.sample.guidance_scale,
             "seed": seed,
             "batch_size": batch_size,
             "time_positions": positions,
@@ -268,6 +274,19 @@ def _write(out_dir: str, result: dict, samples: dict, log) -> None:
     log(f"wrote metrics.json, metrics.csv, adherence.png, samples.npz to {os.path.abspath(out_dir)}")
 
 
+def paired(rows: dict, seed: int) -> dict:
+    """{"model - R": {metric: metrics.paired_difference of the model's and row R's per-video scores}}
+    for R in PAIRED: whether the model beats R on the same walls, with a bootstrap 95% interval."""
+    per_video = lambda row, metric: [v[metric] for v in rows[row]]  # noqa: E731
+    return {
+        f"model - {other}": {
+            metric: M.paired_difference(per_video("model", metric), per_video(other, metric), seed=seed)
+            for metric in PAIRED_METRICS
+        }
+        for other in PAIRED
+    }
+
+
 def format_table(result: dict) -> str:
     """The console table: one line per row, means over the videos."""
     columns = (
@@ -280,4 +299,11 @@ def format_table(result: dict) -> str:
     for row, summary in result["rows"].items():
         cells = ("null" if summary[k] is None else format(summary[k], spec) for k, _, spec in columns)
         lines.append(f"{row:<16}" + "".join(f"{c:>21}" for c in cells))
+    lines.append("paired difference per wall, mean [bootstrap 95% interval]:")
+    for name, metrics in result.get("paired", {}).items():
+        cells = []
+        for metric, d in metrics.items():
+            text = "null" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+            cells.append(f"{metric} {text}")
+        lines.append(f"  {name:<24}" + "   ".join(cells))
     return "\n".join(lines)

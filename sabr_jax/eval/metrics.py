@@ -8,14 +8,14 @@ predicting the training mean scores on data like the training set's.
 
 **Route trajectory adherence** (`route_adherence`): the fraction of the route's holds
 that the climber touches. A hold is *touched* when one of the four end effectors (both
-hands and both feet, `sabr_jax.skeleton.END_EFFECTORS`), projected to pixels, lies
+hands and both feet, `sabr_jax.body.skeleton.END_EFFECTORS`), projected to pixels, lies
 within `radius_scale * r` of the hold's centre (both in the frame's pixels, see `view`
 below) in at least `min_frames` frames in total (not necessarily consecutive).
 Defaults: radius_scale = 2.0, min_frames = 3. The same rule counts the distractor holds
 (holds not on the route) that the climber touches: fewer is better.
 
 The joint pixels come from a callable (vectors [T, 161] raw, image_hw) -> [T, 24, 2];
-the default is `sabr_jax.camera.joint_pixels` (jitted; forward kinematics of the built-in
+the default is `sabr_jax.body.camera.joint_pixels` (jitted; forward kinematics of the built-in
 skeleton, then the tracker's weak-perspective camera inside the bounding box). A SMPL
 body model can be passed in its place.
 
@@ -49,8 +49,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from sabr_jax import camera, skeleton
-from sabr_jax.cli import UserError
+from sabr_jax.body import camera, skeleton
+from sabr_jax.errors import UserError
 from sabr_jax.motion import MOTION_DIM, NormStats
 
 RADIUS_SCALE = 2.0
@@ -126,6 +126,19 @@ class Holds:
             )
         s, shift = self.view[frames, :1], self.view[frames, 1:]  # [T, 1], [T, 2]
         return s[:, None] * holds[None, :, :2] + shift[:, None], s * holds[None, :, 2]
+
+
+def mirror_holds(data: dict) -> dict:
+    """A holds.json dict (see the module docstring) of the left-right mirror image of the clip:
+    x -> W - x for every hold, and with `view`, dx -> W (1 - s) - dx, so that frame t shows the
+    mirrored hold at W - (its pixel in the original). Mirroring twice gives the dict back."""
+    width = data["image_size"][1]
+    out = dict(data)
+    for field in ("route", "distractors"):
+        out[field] = [[width - x, y, r] for x, y, r in data.get(field, [])]
+    if data.get("view") is not None:
+        out["view"] = [[s, width * (1 - s) - dx, dy] for s, dx, dy in data["view"]]
+    return out
 
 
 def _rows(value, width: int, where: str, field: str, expected: str) -> np.ndarray:
@@ -210,3 +223,18 @@ def route_adherence(
         "distractors_touched": counts["distractors"],
         "distractor_holds": len(holds.distractors),
     }
+
+
+def paired_difference(a, b, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict | None:
+    """The mean over videos of a_i - b_i (two rows' per-video scores, paired by video; pairs where
+    either is None are left out) and its bootstrap interval: the (1 - level) / 2 and (1 + level) / 2
+    quantiles of the mean over `resamples` resamplings of the videos with replacement (seeded).
+    -> {"mean", "low", "high", "videos"}, or None when no pair is complete."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
+        return None
+    d = np.array([x - y for x, y in pairs], np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))
+    means = d[picks].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(d.mean()), "low": float(low), "high": float(high), "videos": len(d)}
